@@ -1,0 +1,1 @@
+"""NBD server exporting qcow2 (and raw) images."""

@@ -1,0 +1,73 @@
+"""A host file as a layer: raw images, data files and the file under a qcow2 image.
+
+Block status comes from SEEK_DATA/SEEK_HOLE, as in QEMU's file-posix driver,
+so holes in sparse files read as zeros and say so.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from .status import DATA, OFFSET_VALID, ZERO, Status
+
+SECTOR = 512
+
+
+class HostFile:
+    """A plain file; its size is rounded up to 512 bytes as QEMU sees it."""
+
+    supports_backing = False
+    backing = None
+
+    def __init__(self, filename: str, writable: bool = False) -> None:
+        self.filename = filename
+        self.fd = os.open(filename, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        self.refresh_size()
+
+    def refresh_size(self) -> None:
+        self.file_size = os.fstat(self.fd).st_size
+        self.size = -(-self.file_size // SECTOR) * SECTOR
+
+    def allocated_bytes(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    def driver_status(self, offset: int, length: int, want_zero: bool) -> Status:
+        if not want_zero:
+            return Status(DATA | OFFSET_VALID, length, offset, self)
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # trailing hole
+                return Status(ZERO | OFFSET_VALID, length, offset, self)
+            return Status(DATA | OFFSET_VALID, length, offset, self)
+        if data > offset:
+            return Status(ZERO | OFFSET_VALID, data - offset, offset, self)
+        hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        if hole <= offset:
+            return Status(DATA | OFFSET_VALID, length, offset, self)
+        return Status(DATA | OFFSET_VALID, hole - offset, offset, self)
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """Read ``len(buf)`` bytes; bytes past the end of the file read as zeros."""
+        want = len(buf)
+        done = 0
+        while done < want:
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:
+                buf[done:] = bytes(want - done)
+                return
+            done += n
+
+    def pread(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(offset, memoryview(buf))
+        return bytes(buf)
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
