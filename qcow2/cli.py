@@ -1,8 +1,75 @@
-"""The ``qcow2`` command line (placeholder until map/info land)."""
+"""The ``qcow2`` command line: ``map`` and ``info``."""
 
+from __future__ import annotations
+
+import argparse
+import json
 import sys
+
+from . import open_layer
+from .errors import ImageError
+from .qemu_map import format_human, format_json, map_entries
+
+
+def _cmd_map(args: argparse.Namespace) -> int:
+    top = open_layer(args.image, args.format)
+    try:
+        if args.output == "json":
+            sys.stdout.write(format_json(map_entries(top)))
+        else:
+            sys.stdout.write(format_human(map_entries(top, human=True)))
+    finally:
+        _close_chain(top)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .info import image_info
+
+    top = open_layer(args.image, args.format)
+    try:
+        chain = image_info(top)
+    finally:
+        _close_chain(top)
+    if args.output == "json":
+        json.dump(chain if args.backing_chain else chain[0], sys.stdout, indent=4)
+        sys.stdout.write("\n")
+    else:
+        from .info import format_info
+
+        sys.stdout.write(format_info(chain if args.backing_chain else chain[:1]))
+    return 0
+
+
+def _close_chain(layer) -> None:
+    while layer is not None:
+        layer.close()
+        layer = layer.backing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qcow2", description="Inspect qcow2 images the way qemu-img does.")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("map", help="print the allocation map (same output as qemu-img map)")
+    m.add_argument("--output", choices=("human", "json"), default="human")
+    m.add_argument("-f", "--format", choices=("qcow2", "raw"))
+    m.add_argument("image")
+    m.set_defaults(func=_cmd_map)
+    i = sub.add_parser("info", help="size, cluster size, version, features, backing chain, data file")
+    i.add_argument("--output", choices=("human", "json"), default="human")
+    i.add_argument("-f", "--format", choices=("qcow2", "raw"))
+    i.add_argument("--backing-chain", action="store_true", help="describe every image of the chain")
+    i.add_argument("image")
+    i.set_defaults(func=_cmd_info)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("qcow2: not implemented yet", file=sys.stderr)
-    return 1
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ImageError, OSError, ValueError) as e:
+        print(f"qcow2: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1

@@ -8,8 +8,9 @@ the backing chain it is allocated (the NBD contexts ``base:allocation`` and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ class Status(NamedTuple):
     flags: int
     length: int
     host_offset: int  # meaningful only with OFFSET_VALID
-    file: "Layer | None"  # host file holding the bytes (for OFFSET_VALID)
+    file: Layer | None  # host file holding the bytes (for OFFSET_VALID)
 
 
 class Layer(Protocol):
@@ -33,7 +33,7 @@ class Layer(Protocol):
 
     filename: str
     size: int  # what QEMU's bdrv_getlength says for this node
-    backing: "Layer | None"
+    backing: Layer | None
     supports_backing: bool
 
     def driver_status(self, offset: int, length: int, want_zero: bool) -> Status:

@@ -1,0 +1,356 @@
+"""A qcow2 image as one layer of a chain: mapping, reads and block status."""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from collections import OrderedDict
+from enum import IntEnum
+
+from . import layout as L
+from .compression import decompress_cluster
+from .errors import CorruptImageError, ImageError
+from .header import Header, parse_header
+from .hostfile import HostFile
+from .refcount import Refcounts
+from .status import DATA, OFFSET_VALID, RECURSE, ZERO, Status
+
+MAX_CHAIN_DEPTH = 64
+L2_CACHE_BYTES = 32 << 20
+_NONZERO = re.compile(rb"[^\x00]")
+_ZEROS = bytes(1 << 20)
+
+
+class SubclusterType(IntEnum):
+    """QEMU's QCow2SubclusterType (a standard cluster is one subcluster)."""
+
+    NORMAL = 0
+    COMPRESSED = 1
+    ZERO_PLAIN = 2
+    ZERO_ALLOC = 3
+    UNALLOCATED_PLAIN = 4
+    UNALLOCATED_ALLOC = 5
+    INVALID = 6
+
+
+NORMAL, COMPRESSED, ZERO_PLAIN, ZERO_ALLOC, UNALLOC_PLAIN, UNALLOC_ALLOC, INVALID = SubclusterType
+_HAS_HOST = (NORMAL, ZERO_ALLOC, UNALLOC_ALLOC)
+_STATUS_FLAGS = {
+    NORMAL: DATA | OFFSET_VALID,
+    COMPRESSED: DATA,
+    ZERO_PLAIN: ZERO,
+    ZERO_ALLOC: ZERO | OFFSET_VALID,
+    UNALLOC_PLAIN: 0,
+    UNALLOC_ALLOC: OFFSET_VALID,
+}
+
+
+def _ctz32(v: int) -> int:
+    return 32 if v == 0 else (v & -v).bit_length() - 1
+
+
+def _cto32(v: int) -> int:
+    return _ctz32(~v & 0xFFFFFFFF)
+
+
+class Qcow2Image:
+    """One qcow2 file, with its backing layer and optional external data file."""
+
+    supports_backing = True
+
+    def __init__(
+        self,
+        filename: str,
+        file: HostFile,
+        header: Header,
+        backing,
+        data_file: HostFile | None,
+    ) -> None:
+        self.filename = filename
+        self.file = file
+        self.header = header
+        self.backing = backing
+        self.data_file = data_file
+        self.data = data_file or file
+        h = header
+        self.cluster_bits = h.cluster_bits
+        self.cluster_size = 1 << h.cluster_bits
+        self.extended_l2 = h.extended_l2
+        self.l2_entry_size = 16 if self.extended_l2 else 8
+        self.l2_entries = self.cluster_size // self.l2_entry_size
+        self.l2_bits = self.l2_entries.bit_length() - 1
+        self.subclusters = 32 if self.extended_l2 else 1
+        self.subcluster_bits = self.cluster_bits - (5 if self.extended_l2 else 0)
+        self.size = h.size // 512 * 512  # QEMU counts whole sectors
+        self.has_data_file = h.has_data_file
+        raw = file.pread(h.l1_table_offset, h.l1_size * 8)
+        self.l1 = struct.unpack(f">{h.l1_size}Q", raw)
+        self._l2_cache: OrderedDict[int, bytes] = OrderedDict()
+        self._l2_cache_max = max(16, L2_CACHE_BYTES >> self.cluster_bits)
+        self._csize_shift = 62 - (self.cluster_bits - 8)
+        self._csize_mask = (1 << (self.cluster_bits - 8)) - 1
+        self._coffset_mask = (1 << self._csize_shift) - 1
+        self._compressed_cache: tuple[int, bytes] | None = None
+        self._metadata_prealloc: bool | None = None
+
+    # -- opening -------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, filename: str, _depth: int = 0) -> Qcow2Image:
+        if _depth > MAX_CHAIN_DEPTH:
+            raise ImageError(f"{filename}: backing chain deeper than {MAX_CHAIN_DEPTH} (a loop?)")
+        try:
+            file = HostFile(filename)
+        except OSError as e:
+            raise ImageError(f"{filename}: cannot open: {e.strerror}") from None
+        try:
+            with open(filename, "rb") as f:
+                cluster0 = f.read(1 << 21)
+            header = parse_header(cluster0, filename)
+            data_file = cls._open_data_file(filename, header)
+            backing = cls._open_backing(filename, header, _depth)
+        except BaseException:
+            file.close()
+            raise
+        return cls(filename, file, header, backing, data_file)
+
+    @staticmethod
+    def _open_data_file(filename: str, h: Header) -> HostFile | None:
+        if not h.has_data_file:
+            return None
+        if not h.data_file:
+            raise ImageError(f"{filename}: the image needs an external data file but names none")
+        path = os.path.join(os.path.dirname(filename), h.data_file)
+        try:
+            return HostFile(path)
+        except OSError as e:
+            raise ImageError(f"{filename}: cannot open data file {path}: {e.strerror}") from None
+
+    @staticmethod
+    def _open_backing(filename: str, h: Header, depth: int):
+        if not h.backing_file:
+            return None
+        name = h.backing_file
+        if ":" in name.split("/", 1)[0] and not os.path.exists(os.path.join(os.path.dirname(filename), name)):
+            raise ImageError(f"{filename}: backing file {name!r} uses a protocol we do not support")
+        path = os.path.join(os.path.dirname(filename), name)
+        if not os.path.exists(path):
+            raise ImageError(f"{filename}: backing file {path} does not exist")
+        fmt = h.backing_format
+        if fmt is None:
+            with open(path, "rb") as f:
+                fmt = "qcow2" if f.read(4) == L.MAGIC else "raw"
+        if fmt == "raw":
+            try:
+                return HostFile(path)
+            except OSError as e:
+                raise ImageError(f"{filename}: cannot open backing file {path}: {e.strerror}") from None
+        if fmt == "qcow2":
+            return Qcow2Image.open(path, depth + 1)
+        raise ImageError(f"{filename}: backing file format {fmt!r} is not supported")
+
+    # -- tables ---------------------------------------------------------------------
+
+    def _l2_table(self, l2_offset: int) -> bytes:
+        cache = self._l2_cache
+        table = cache.get(l2_offset)
+        if table is not None:
+            cache.move_to_end(l2_offset)
+            return table
+        if l2_offset & (self.cluster_size - 1):
+            raise CorruptImageError(f"{self.filename}: L2 table offset {l2_offset:#x} unaligned")
+        table = self.file.pread(l2_offset, self.cluster_size)
+        cache[l2_offset] = table
+        if len(cache) > self._l2_cache_max:
+            cache.popitem(last=False)
+        return table
+
+    def _entry(self, table: bytes, index: int) -> tuple[int, int]:
+        if self.extended_l2:
+            return L.U64x2.unpack_from(table, index * 16)
+        return L.U64.unpack_from(table, index * 8)[0], 0
+
+    def _cluster_type(self, entry: int) -> int:
+        """QEMU's qcow2_get_cluster_type, in subcluster terms for standard L2."""
+        if entry & L.QCOW_OFLAG_COMPRESSED:
+            return COMPRESSED
+        if entry & L.QCOW_OFLAG_ZERO and not self.extended_l2:
+            return ZERO_ALLOC if entry & L.L2E_OFFSET_MASK else ZERO_PLAIN
+        if not entry & L.L2E_OFFSET_MASK:
+            if self.has_data_file and entry & L.QCOW_OFLAG_COPIED:
+                return NORMAL
+            return UNALLOC_PLAIN
+        return NORMAL
+
+    def _range_type(self, entry: int, bitmap: int, sc: int) -> tuple[int, int]:
+        """Type of subcluster ``sc`` and how many subclusters from it share it."""
+        ctype = self._cluster_type(entry)
+        if not self.extended_l2 or ctype == COMPRESSED:
+            return ctype, self.subclusters - sc
+        low = (1 << sc) - 1
+        if ctype == NORMAL:
+            if (bitmap >> 32) & bitmap:
+                return INVALID, 0
+            if bitmap >> (32 + sc) & 1:
+                return ZERO_ALLOC, _cto32((bitmap >> 32) | low) - sc
+            if bitmap >> sc & 1:
+                return NORMAL, _cto32((bitmap & 0xFFFFFFFF) | low) - sc
+            return UNALLOC_ALLOC, _ctz32(((bitmap >> 32) | bitmap) & 0xFFFFFFFF & ~low) - sc
+        if bitmap & 0xFFFFFFFF:
+            return INVALID, 0
+        if bitmap >> (32 + sc) & 1:
+            return ZERO_PLAIN, _cto32((bitmap >> 32) | low) - sc
+        return UNALLOC_PLAIN, _ctz32((bitmap >> 32) & ~low & 0xFFFFFFFF) - sc
+
+    def lookup(self, offset: int, length: int) -> tuple[int, int, int]:
+        """Map guest ``[offset, offset+length)``: (type, bytes of that run, host offset).
+
+        Mirrors qcow2_get_host_offset: the run has one subcluster type, contiguous
+        host offsets, and stays inside one L2 table.  For compressed clusters the
+        "host offset" is the raw L2 entry.
+        """
+        cbits = self.cluster_bits
+        in_cluster = offset & (self.cluster_size - 1)
+        l2_index = (offset >> cbits) & (self.l2_entries - 1)
+        needed = min(length + in_cluster, (self.l2_entries - l2_index) << cbits)
+        l1_index = offset >> (cbits + self.l2_bits)
+        l2_offset = self.l1[l1_index] & L.L1E_OFFSET_MASK if l1_index < len(self.l1) else 0
+        if not l2_offset:
+            return UNALLOC_PLAIN, needed - in_cluster, 0
+        table = self._l2_table(l2_offset)
+        esize = self.l2_entry_size
+        nb_clusters = -(-needed >> cbits)
+        sc_index = (offset >> self.subcluster_bits) & (self.subclusters - 1)
+        entry, bitmap = self._entry(table, l2_index)
+        if not entry and not bitmap:
+            # Fast path: a run of empty entries, found by scanning the raw table.
+            m = _NONZERO.search(table, l2_index * esize, (l2_index + nb_clusters) * esize)
+            count = (m.start() // esize - l2_index) if m else nb_clusters
+            return UNALLOC_PLAIN, min(count << cbits, needed) - in_cluster, 0
+        stype, n = self._range_type(entry, bitmap, sc_index)
+        host = 0
+        if stype == INVALID:
+            raise CorruptImageError(f"{self.filename}: invalid L2 entry at guest offset {offset:#x}")
+        if self.header.version < 3 and stype in (ZERO_PLAIN, ZERO_ALLOC):
+            raise CorruptImageError(f"{self.filename}: zero cluster entry in a v2 image")
+        if stype == COMPRESSED:
+            if self.has_data_file:
+                raise CorruptImageError(f"{self.filename}: compressed cluster in an image with a data file")
+            avail = (sc_index + n) << self.subcluster_bits
+            return COMPRESSED, min(avail, needed) - in_cluster, entry
+        if stype in _HAS_HOST:
+            host_cluster = entry & L.L2E_OFFSET_MASK
+            if host_cluster & (self.cluster_size - 1):
+                raise CorruptImageError(f"{self.filename}: data cluster offset {host_cluster:#x} unaligned")
+            host = host_cluster + in_cluster
+            if self.has_data_file and host != offset:
+                raise CorruptImageError(
+                    f"{self.filename}: data file cluster {host_cluster:#x} does not match guest offset"
+                )
+        count = n
+        full = sc_index + n == self.subclusters
+        expected = entry & L.L2E_OFFSET_MASK
+        check_offset = stype in _HAS_HOST
+        i = 1
+        while full and i < nb_clusters:
+            entry, bitmap = self._entry(table, l2_index + i)
+            t, n = self._range_type(entry, bitmap, 0)
+            if t == INVALID:
+                raise CorruptImageError(f"{self.filename}: invalid L2 entry in table {l2_offset:#x}")
+            if t != stype:
+                break
+            if check_offset:
+                expected += self.cluster_size
+                if entry & L.L2E_OFFSET_MASK != expected:
+                    break
+            count += n
+            full = n == self.subclusters
+            i += 1
+        avail = (sc_index + count) << self.subcluster_bits
+        return stype, min(avail, needed) - in_cluster, host
+
+    # -- layer surface ----------------------------------------------------------------
+
+    def driver_status(self, offset: int, length: int, want_zero: bool) -> Status:
+        stype, n, host = self.lookup(offset, length)
+        flags = _STATUS_FLAGS[stype]
+        if flags & DATA and flags & OFFSET_VALID and self.metadata_preallocated():
+            flags |= RECURSE
+        return Status(flags, n, host, self.data if flags & OFFSET_VALID else None)
+
+    def metadata_preallocated(self) -> bool:
+        """QEMU's heuristic: far more clusters in use than the host file really stores."""
+        if self._metadata_prealloc is None:
+            h = self.header
+            real_clusters = self.file.allocated_bytes() // self.cluster_size
+            threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+            end_cluster = -(-self.file.file_size // self.cluster_size)
+            refs = Refcounts(
+                self.file,
+                h.cluster_bits,
+                h.refcount_order,
+                h.refcount_table_offset,
+                h.refcount_table_clusters,
+            )
+            self._metadata_prealloc = refs.count_in_use(end_cluster, threshold) >= threshold
+        return self._metadata_prealloc
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """Guest bytes at ``offset``; unallocated ranges come from the backing layer."""
+        pos, end = 0, len(buf)
+        while pos < end:
+            stype, n, host = self.lookup(offset + pos, end - pos)
+            part = buf[pos : pos + n]
+            if stype == NORMAL:
+                self.data.readinto(host, part)
+            elif stype == COMPRESSED:
+                cluster = self._compressed(host)
+                start = (offset + pos) & (self.cluster_size - 1)
+                part[:] = cluster[start : start + n]
+            elif stype in (ZERO_PLAIN, ZERO_ALLOC) or self.backing is None:
+                _zero(part)
+            else:
+                self._read_backing(offset + pos, part)
+            pos += n
+
+    def _read_backing(self, offset: int, part: memoryview) -> None:
+        backing_size = self.backing.size
+        inside = max(0, min(len(part), backing_size - offset))
+        if inside:
+            self.backing.readinto(offset, part[:inside])
+        if inside < len(part):
+            _zero(part[inside:])
+
+    def _compressed(self, entry: int) -> bytes:
+        cached = self._compressed_cache
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        coffset = entry & self._coffset_mask
+        nb_sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
+        csize = nb_sectors * 512 - (coffset & 511)
+        raw = self.file.pread(coffset, csize)
+        data = decompress_cluster(raw, self.cluster_size, self.header.compression_type)
+        if data is None:
+            raise CorruptImageError(
+                f"{self.filename}: compressed cluster at {coffset:#x} does not decompress"
+            )
+        self._compressed_cache = (entry, data)
+        return data
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.file.close()
+        if self.data_file is not None:
+            self.data_file.close()
+
+
+def _zero(part: memoryview) -> None:
+    n = len(part)
+    pos = 0
+    while pos < n:
+        k = min(n - pos, len(_ZEROS))
+        part[pos : pos + k] = _ZEROS[:k]
+        pos += k
