@@ -17,7 +17,8 @@ def _cmd_map(args: argparse.Namespace) -> int:
         if args.output == "json":
             sys.stdout.write(format_json(map_entries(top)))
         else:
-            sys.stdout.write(format_human(map_entries(top, human=True)))
+            for line in format_human(map_entries(top, human=True)):
+                sys.stdout.write(line)
     finally:
         _close_chain(top)
     return 0

@@ -99,14 +99,14 @@ def format_json(entries: Iterator[MapEntry]) -> str:
     return "[" + ",\n".join(parts) + "]\n"
 
 
-def format_human(entries: Iterator[MapEntry]) -> str:
-    lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
+def format_human(entries: Iterator[MapEntry]) -> Iterator[str]:
+    """Lines of qemu-img's human output; raises where qemu-img stops with an error."""
+    yield f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n"
     for e in entries:
         if e.data and e.offset is None:
             raise ValueError("File contains external, encrypted or compressed clusters.")
         if e.data and not e.zero:
-            lines.append(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}{e.filename or ''}")
-    return "\n".join(lines) + "\n"
+            yield f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}{e.filename or ''}\n"
 
 
 def _b(v: bool) -> str:

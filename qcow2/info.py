@@ -1,0 +1,95 @@
+"""``qcow2 info``: what an image is, with qemu-img info's field names where they exist."""
+
+from __future__ import annotations
+
+from .hostfile import HostFile
+
+
+def layer_info(layer) -> dict:
+    if isinstance(layer, HostFile):
+        return {
+            "filename": layer.filename,
+            "format": "raw",
+            "virtual-size": layer.size,
+            "actual-size": layer.allocated_bytes(),
+            "dirty-flag": False,
+        }
+    h = layer.header
+    info: dict = {
+        "filename": layer.filename,
+        "format": "qcow2",
+        "virtual-size": layer.size,
+        "actual-size": layer.file.allocated_bytes(),
+        "cluster-size": layer.cluster_size,
+        "dirty-flag": h.dirty,
+    }
+    specific: dict = {
+        "compat": "1.1" if h.version == 3 else "0.10",
+        "version": h.version,
+        "compression-type": "zstd" if h.compression_type else "zlib",
+        "lazy-refcounts": h.lazy_refcounts,
+        "refcount-bits": 1 << h.refcount_order,
+        "corrupt": h.corrupt,
+        "extended-l2": h.extended_l2,
+        "snapshots": h.nb_snapshots,
+        "bitmaps": h.bitmaps["nb_bitmaps"] if h.bitmaps else 0,
+        "incompatible-features": h.incompatible_features,
+        "compatible-features": h.compatible_features,
+        "autoclear-features": h.autoclear_features,
+        "features": [
+            h.feature_name(kind, bit)
+            for kind, mask in enumerate((h.incompatible_features, h.compatible_features, h.autoclear_features))
+            for bit in range(64)
+            if mask >> bit & 1
+        ],
+    }
+    if h.data_file is not None:
+        specific["data-file"] = h.data_file
+        specific["data-file-raw"] = h.data_file_raw
+    info["format-specific"] = {"type": "qcow2", "data": specific}
+    if h.backing_file:
+        info["backing-filename"] = h.backing_file
+        info["full-backing-filename"] = layer.backing.filename if layer.backing else h.backing_file
+        if h.backing_format:
+            info["backing-filename-format"] = h.backing_format
+    return info
+
+
+def image_info(top) -> list[dict]:
+    """One description per image of the chain, top first."""
+    chain = []
+    layer = top
+    while layer is not None:
+        chain.append(layer_info(layer))
+        layer = layer.backing
+    chain[0]["backing-chain"] = [info["filename"] for info in chain[1:]]
+    return chain
+
+
+def format_info(chain: list[dict]) -> str:
+    out = []
+    for info in chain:
+        lines = [
+            f"image: {info['filename']}",
+            f"file format: {info['format']}",
+            f"virtual size: {info['virtual-size']} bytes",
+            f"disk size: {info['actual-size']} bytes",
+        ]
+        if "cluster-size" in info:
+            lines.append(f"cluster_size: {info['cluster-size']}")
+        if "backing-filename" in info:
+            lines.append(
+                f"backing file: {info['backing-filename']} (actual path: {info['full-backing-filename']})"
+            )
+            if "backing-filename-format" in info:
+                lines.append(f"backing file format: {info['backing-filename-format']}")
+        spec = info.get("format-specific", {}).get("data")
+        if spec:
+            lines.append("Format specific information:")
+            lines += [f"    {k}: {_v(v)}" for k, v in spec.items()]
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def _v(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
