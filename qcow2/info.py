@@ -38,7 +38,9 @@ def layer_info(layer) -> dict:
         "autoclear-features": h.autoclear_features,
         "features": [
             h.feature_name(kind, bit)
-            for kind, mask in enumerate((h.incompatible_features, h.compatible_features, h.autoclear_features))
+            for kind, mask in enumerate(
+                (h.incompatible_features, h.compatible_features, h.autoclear_features)
+            )
             for bit in range(64)
             if mask >> bit & 1
         ],
