@@ -1,0 +1,199 @@
+"""``qcow2-nbd``: serve one image over NBD, with qemu-nbd's options where they fit.
+
+Start-up order matters for scripts: the image is opened and the socket bound
+before anything reports success, so ``--fork`` returns (and ``--pid-file``
+appears) only when clients can connect, and a bad image fails the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Callable
+
+import qcow2
+
+from .export import Export
+from .server import Server
+
+log = logging.getLogger("nbdserver")
+
+DEFAULT_PORT = 10809
+
+
+class StartupError(Exception):
+    """Start-up failed for a reason the user can fix; printed as one line."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="qcow2-nbd", description="Export a qcow2 or raw image over NBD.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-k", "--socket", metavar="PATH", help="listen on this Unix socket")
+    p.add_argument("-b", "--bind", metavar="ADDR", help="TCP address to listen on (default 127.0.0.1)")
+    where.add_argument("-p", "--port", type=int, metavar="PORT", help=f"TCP port (default {DEFAULT_PORT})")
+    p.add_argument("-x", "--export-name", default="", metavar="NAME", help="export name (default: empty)")
+    p.add_argument("-D", "--description", default="", metavar="TEXT", help="export description")
+    p.add_argument("-r", "--read-only", action="store_true", help="export read-only")
+    p.add_argument("-f", "--format", choices=("qcow2", "raw"), help="image format (default: probe)")
+    p.add_argument(
+        "-e",
+        "--shared",
+        type=int,
+        default=0,
+        metavar="N",
+        help="serve at most N clients at once (default 0: unlimited)",
+    )
+    p.add_argument("--pid-file", metavar="PATH", help="write the server's pid here once it listens")
+    p.add_argument("--fork", action="store_true", help="run in the background once listening")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeat for debug)")
+    p.add_argument("image", help="image file to export")
+    args = p.parse_args(argv)
+    if args.socket and args.bind:
+        p.error("-k cannot be combined with -b")
+    if args.shared < 0:
+        p.error("-e must be 0 or more")
+    for text, what in ((args.export_name, "export name"), (args.description, "description")):
+        if len(text.encode()) > 4096:
+            p.error(f"{what} longer than 4096 bytes")
+    return args
+
+
+def open_export(args: argparse.Namespace) -> Export:
+    if not args.read_only:
+        log.warning("writes are not supported yet: exporting %s read-only", args.image)
+    try:
+        disk = qcow2.open_disk(args.image, fmt=args.format, read_only=True)
+    except Exception as e:
+        msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise StartupError(f"cannot open {args.image}: {msg}") from None
+    return Export(args.export_name, disk, args.description)
+
+
+def listen(args: argparse.Namespace) -> socket.socket:
+    try:
+        if args.socket:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.lstat(args.socket).st_mode):
+                    os.unlink(args.socket)  # a stale socket from an earlier run
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(args.socket)
+        else:
+            host = args.bind or "127.0.0.1"
+            port = DEFAULT_PORT if args.port is None else args.port
+            family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        where = args.socket or f"{args.bind or '127.0.0.1'}:{args.port or DEFAULT_PORT}"
+        raise StartupError(f"cannot listen on {where}: {e.strerror or e}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
+def new_event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+async def serve(export: Export, listener: socket.socket, max_clients: int) -> None:
+    """Serve until SIGTERM/SIGINT, then finish the requests in flight."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = Server({export.name: export}, max_clients=max_clients)
+    accepting = asyncio.create_task(server.accept_loop(listener))
+    await stop.wait()
+    log.info("shutting down")
+    accepting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await accepting
+    listener.close()
+    await server.shutdown()
+
+
+def _daemonize() -> int:
+    """Fork; the parent waits for the child's start-up verdict and exits with it.
+
+    Returns the write end of the pipe in the child.
+    """
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            verdict = r.read()
+        if verdict[:1] == b"\0":
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        msg = verdict.decode(errors="replace").strip() or f"server failed to start (status {status})"
+        print(f"qcow2-nbd: {msg}", file=sys.stderr)
+        os._exit(1)
+    os.close(rfd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    return wfd
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="qcow2-nbd[%(process)d]: %(levelname)s: %(message)s")
+    ready_fd = _daemonize() if args.fork else -1
+    listener = None
+    export = None
+    pid_written = False
+    try:
+        try:
+            export = open_export(args)
+            listener = listen(args)
+            if args.pid_file:
+                try:
+                    with open(args.pid_file, "w") as f:
+                        f.write(f"{os.getpid()}\n")
+                except OSError as e:
+                    raise StartupError(f"cannot write {args.pid_file}: {e.strerror}") from None
+                pid_written = True
+        except StartupError as e:
+            if ready_fd >= 0:
+                os.write(ready_fd, str(e).encode())
+            else:
+                print(f"qcow2-nbd: {e}", file=sys.stderr)
+            return 1
+        where = args.socket or listener.getsockname()
+        log.info("serving %s (%d bytes) as %r on %s", args.image, export.size, export.name, where)
+        if ready_fd >= 0:
+            os.write(ready_fd, b"\0")
+            os.close(ready_fd)
+            ready_fd = -1
+        with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
+            runner.run(serve(export, listener, args.shared))
+        return 0
+    finally:
+        if ready_fd >= 0:
+            os.close(ready_fd)
+        if listener is not None:
+            listener.close()
+            if args.socket:
+                with contextlib.suppress(OSError):
+                    os.unlink(args.socket)
+        if pid_written:
+            with contextlib.suppress(OSError):
+                os.unlink(args.pid_file)
+        if export is not None:
+            export.disk.close()

@@ -1,0 +1,259 @@
+"""asyncio transport: accept clients, move bytes, run requests concurrently.
+
+Protocol decisions come from :mod:`.handshake`, :mod:`.requests` and
+:mod:`.commands`; this module only reads what they ask for, writes what they
+return, and keeps one misbehaving client from hurting the others.  Disk work
+runs in worker threads so a slow read never stalls other connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+from . import commands
+from .constants import Cmd, cmd_name
+from .export import Export
+from .handshake import Handshake, Negotiated, ProtocolError
+from .requests import Request, check, parse_request
+
+log = logging.getLogger("nbdserver")
+
+MAX_IN_FLIGHT = 64  # requests per connection being served at once
+IN_FLIGHT_BYTES = 64 * 1024 * 1024  # read/write bytes per connection held in memory at once
+DISCARD_CHUNK = 1024 * 1024  # a refused WRITE payload is skipped this much at a time
+ACCEPT_RETRY_DELAY = 0.1  # back-off after a failed accept() (e.g. out of file descriptors)
+
+
+class _ByteBudget:
+    """Bounds the bytes of requests in flight on one connection (one oversized request may run alone).
+
+    Only the connection's reader acquires; workers release without awaiting,
+    so a cancelled request can never leak budget.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.free = limit
+        self._released = asyncio.Event()
+
+    async def acquire(self, n: int) -> int:
+        n = min(n, self.limit)
+        while self.free < n:
+            self._released.clear()
+            await self._released.wait()
+        self.free -= n
+        return n
+
+    def release(self, n: int) -> None:
+        self.free += n
+        self._released.set()
+
+
+class Connection:
+    """One client, from greeting to close."""
+
+    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str):
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+        self._task: asyncio.Task | None = None
+        self._reading: asyncio.Task | None = None
+        self._requests: set[asyncio.Task] = set()
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._bytes = _ByteBudget(IN_FLIGHT_BYTES)
+
+    async def run(self) -> None:
+        self._task = asyncio.current_task()
+        try:
+            negotiated = await self._handshake()
+            if negotiated is not None:
+                log.info(
+                    "%s: export %r, structured replies %s, contexts %s",
+                    self.peer,
+                    negotiated.export.name,
+                    negotiated.structured,
+                    [n for _, n in negotiated.contexts],
+                )
+                self._reading = asyncio.create_task(self._read_requests(negotiated))
+                await asyncio.wait([self._reading])
+                if not self._reading.cancelled():
+                    self._reading.result()
+                await self._finish_requests()
+        except ProtocolError as e:
+            log.warning("%s: %s; dropping the client", self.peer, e)
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                log.info("%s: disconnected in the middle of a message", self.peer)
+            else:
+                log.info("%s: disconnected", self.peer)
+        except (ConnectionError, TimeoutError) as e:
+            log.info("%s: connection lost: %s", self.peer, e)
+        except asyncio.CancelledError:
+            log.info("%s: closed by server shutdown", self.peer)
+        except Exception:
+            log.exception("%s: internal error; dropping the client", self.peer)
+        finally:
+            for task in self._requests:
+                task.cancel()
+            self.writer.close()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self.writer.wait_closed()
+            log.info("%s: closed", self.peer)
+
+    def stop(self) -> None:
+        """Server shutdown: read no more requests; those in flight still get answered."""
+        if self._reading is not None:
+            self._reading.cancel()
+        elif self._task is not None:
+            self._task.cancel()  # still in the handshake: nothing in flight
+
+    async def _handshake(self) -> Negotiated | None:
+        hs = Handshake(self.server.exports)
+        self.writer.write(hs.greeting())
+        while True:
+            step = hs.feed(await self.reader.readexactly(hs.need))
+            if step.replies:
+                self.writer.writelines(step.replies)
+                await self.writer.drain()
+            if step.close:
+                log.info("%s: client aborted the handshake", self.peer)
+                return None
+            if step.result is not None:
+                return step.result
+
+    async def _read_requests(self, negotiated: Negotiated) -> None:
+        reader = self.reader
+        while True:
+            try:
+                header = await reader.readexactly(28)
+            except asyncio.IncompleteReadError as e:
+                if e.partial:
+                    raise
+                log.info("%s: client hung up without NBD_CMD_DISC", self.peer)
+                return
+            req = parse_request(header)
+            error, message = check(req, negotiated)
+            if req.cmd == Cmd.DISC:
+                if error:
+                    log.warning("%s: malformed NBD_CMD_DISC (%s); disconnecting anyway", self.peer, message)
+                return
+            if error:
+                await self._discard(req.payload_length)
+                log.debug("%s: %s refused: %s", self.peer, cmd_name(req.cmd), message)
+                self.writer.writelines(commands.error_reply(req, negotiated.structured, error, message))
+                await self.writer.drain()
+                continue
+            await self._slots.acquire()
+            held = await self._bytes.acquire(req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0)
+            payload = None
+            if req.payload_length:
+                payload = memoryview(await reader.readexactly(req.payload_length))
+            task = asyncio.create_task(self._serve(negotiated, req, payload, held))
+            self._requests.add(task)
+            task.add_done_callback(self._requests.discard)
+
+    async def _discard(self, length: int) -> None:
+        while length:
+            n = min(length, DISCARD_CHUNK)
+            await self.reader.readexactly(n)
+            length -= n
+
+    async def _serve(
+        self, negotiated: Negotiated, req: Request, payload: memoryview | None, held: int
+    ) -> None:
+        try:
+            buffers = await self.server.run_in_worker(
+                commands.run, negotiated.export, req, negotiated, payload
+            )
+            if self.writer.is_closing():
+                return
+            self.writer.writelines(buffers)  # no await between chunks: the reply goes out whole
+            await self.writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._slots.release()
+            self._bytes.release(held)
+
+    async def _finish_requests(self) -> None:
+        while self._requests:
+            await asyncio.wait(set(self._requests))
+
+
+class Server:
+    """Serves ``exports`` on any number of listening sockets."""
+
+    def __init__(
+        self, exports: Mapping[str, Export], max_clients: int = 0, workers: int | None = None
+    ) -> None:
+        self.exports = exports
+        self.connections: set[Connection] = set()
+        self._slots = asyncio.Semaphore(max_clients) if max_clients > 0 else None
+        if workers is None:
+            thread_safe = all(getattr(e.disk, "thread_safe", False) for e in exports.values())
+            workers = 8 if thread_safe else 1  # a disk not known to be thread-safe gets one worker
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
+        self._tasks: set[asyncio.Task] = set()
+
+    async def run_in_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def accept_loop(self, listener: socket.socket) -> None:
+        """Accept clients until cancelled; with ``max_clients``, wait for a free slot first."""
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        while True:
+            if self._slots is not None:
+                await self._slots.acquire()
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as e:
+                self._release_slot()
+                log.error("accept failed: %s", e)
+                await asyncio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            except BaseException:
+                self._release_slot()
+                raise
+            task = asyncio.create_task(self._client(sock, addr))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _release_slot(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+
+    async def _client(self, sock: socket.socket, addr) -> None:
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else f"unix:{sock.fileno()}"
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except Exception as e:
+            log.warning("%s: cannot set up the connection: %s", peer, e)
+            sock.close()
+            self._release_slot()
+            return
+        log.info("%s: connected", peer)
+        conn = Connection(self, reader, writer, peer)
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+            self._release_slot()
+
+    async def shutdown(self) -> None:
+        """Stop reading requests, let those in flight finish, close every connection."""
+        for conn in list(self.connections):
+            conn.stop()
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending)
+        self._executor.shutdown(wait=True)
