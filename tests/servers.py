@@ -1,0 +1,417 @@
+"""NBD servers under test and the differential comparison against qemu.
+
+``qemu_nbd`` and ``our_nbd`` are context managers that start a forking server on a
+Unix socket, yield a :class:`Server`, and at exit send SIGTERM and wait for the
+process to disappear (a pidfd, no sleeping).
+
+:func:`compare_image` runs every comparison of the suite for one image and
+returns a list of :class:`Mismatch`; :func:`report` turns them into one
+readable failure message with both outputs, the server's stderr and the recipe
+that rebuilds the image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import os
+import select
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from images import Image
+
+PYTHON = sys.executable
+CMD_TIMEOUT = 30
+START_TIMEOUT = 30
+STOP_TIMEOUT = 10
+SUN_PATH_MAX = 100  # sockaddr_un.sun_path is 108 bytes including the NUL
+
+
+class ServerError(AssertionError):
+    pass
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    cwd: Path
+    sock: Path
+    pidfile: Path
+    errfile: Path
+    export: str = ""
+    pid: int | None = None
+    exit_problem: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///{self.export}?socket={self.sock}"
+
+    def stderr(self) -> str:
+        try:
+            return self.errfile.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def describe(self) -> str:
+        return f"{self.name}: (cd {shlex.quote(str(self.cwd))} && {shlex.join(self.argv)})"
+
+
+def _short_dir(workdir: Path) -> Path:
+    """A directory for sockets; ``workdir`` unless its path is too long for AF_UNIX."""
+    if len(str(workdir)) + 20 < SUN_PATH_MAX:
+        return workdir
+    return Path(tempfile.mkdtemp(prefix="nbdsock-", dir="/tmp"))
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Wait for a (non-child) process to exit; True if it did."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        r, _, _ = select.select([fd], [], [], timeout)
+        return bool(r)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _forking_server(name: str, argv_fn, image: Image, workdir: Path, export: str) -> Iterator[Server]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    sdir = _short_dir(workdir)
+    tag = name.replace("-", "")
+    sock = sdir / f"{tag}.sock"
+    pidfile = workdir / f"{tag}.pid"
+    errfile = workdir / f"{tag}.stderr"
+    argv = argv_fn(sock, pidfile)
+    srv = Server(name, argv, image.cwd, sock, pidfile, errfile, export)
+    try:
+        with open(errfile, "wb") as ef:
+            # stdout/stderr go to a file: the daemon inherits them, a pipe would never see EOF.
+            try:
+                p = subprocess.run(
+                    argv, cwd=image.cwd, stdin=subprocess.DEVNULL, stdout=ef, stderr=ef, timeout=START_TIMEOUT
+                )
+            except subprocess.TimeoutExpired as e:
+                raise ServerError(f"{srv.describe()}\ndid not return within {START_TIMEOUT}s") from e
+        if p.returncode != 0:
+            raise ServerError(f"{srv.describe()}\nexited with {p.returncode}; stderr:\n{srv.stderr()}")
+        try:
+            srv.pid = int(pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError) as e:
+            raise ServerError(
+                f"{srv.describe()}\nreturned 0 but wrote no pid file ({e}); stderr:\n{srv.stderr()}"
+            ) from None
+        if not sock.exists():
+            raise ServerError(
+                f"{srv.describe()}\nreturned 0 but {sock} does not exist; stderr:\n{srv.stderr()}"
+            )
+        yield srv
+    finally:
+        if srv.pid is None and pidfile.exists():
+            with contextlib.suppress(ValueError):
+                srv.pid = int(pidfile.read_text().strip() or "0") or None
+        if srv.pid is not None:
+            if not _pid_alive(srv.pid):
+                srv.exit_problem = "server process had already exited before teardown"
+            else:
+                os.kill(srv.pid, signal.SIGTERM)
+                if not _wait_gone(srv.pid, STOP_TIMEOUT):
+                    os.kill(srv.pid, signal.SIGKILL)
+                    _wait_gone(srv.pid, STOP_TIMEOUT)
+                    srv.exit_problem = f"did not exit within {STOP_TIMEOUT}s of SIGTERM (killed)"
+        if sdir != workdir:
+            with contextlib.suppress(OSError):
+                sock.unlink(missing_ok=True)
+                sdir.rmdir()
+
+
+def qemu_nbd(image: Image, workdir: Path, export: str = "") -> contextlib.AbstractContextManager[Server]:
+    def argv(sock, pidfile):
+        a = ["qemu-nbd", "-r", "-A", "-t", "-e", "16", "-f", image.fmt, "-k", str(sock)]
+        if export:
+            a += ["-x", export]
+        return a + ["--fork", "--pid-file", str(pidfile), image.path]
+
+    return _forking_server("qemu-nbd", argv, image, workdir, export)
+
+
+def our_nbd(image: Image, workdir: Path, export: str = "") -> contextlib.AbstractContextManager[Server]:
+    def argv(sock, pidfile):
+        a = [PYTHON, "-m", "nbdserver", "-r", "-f", image.fmt, "-k", str(sock)]
+        if export:
+            a += ["-x", export]
+        return a + ["--fork", "--pid-file", str(pidfile), image.path]
+
+    return _forking_server("ours", argv, image, workdir, export)
+
+
+# ---------------------------------------------------------------------------
+# Running client commands
+
+
+@dataclass
+class Result:
+    argv: list[str]
+    cwd: Path
+    rc: int | None  # None = timed out
+    out: str
+    err: str
+
+    def cmdline(self) -> str:
+        return f"(cd {shlex.quote(str(self.cwd))} && {shlex.join(self.argv)})"
+
+
+def run(argv: list[str], cwd: Path, timeout: float = CMD_TIMEOUT) -> Result:
+    try:
+        p = subprocess.run(
+            argv, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return Result(argv, cwd, None, out, f"TIMEOUT after {timeout}s")
+    return Result(argv, cwd, p.returncode, p.stdout, p.stderr)
+
+
+# ---------------------------------------------------------------------------
+# Mismatches
+
+
+@dataclass
+class Mismatch:
+    what: str
+    detail: str
+    reference: Result | None = None
+    ours: Result | None = None
+
+    def render(self, limit: int = 4000) -> str:
+        parts = [f"=== MISMATCH: {self.what}", self.detail]
+        if self.reference is not None and self.ours is not None and self.reference.out != self.ours.out:
+            diff = difflib.unified_diff(
+                self.reference.out.splitlines(), self.ours.out.splitlines(), "qemu", "ours", lineterm="", n=1
+            )
+            parts.append("--- diff (qemu -> ours):\n" + _clip("\n".join(diff), limit))
+        for label, r in (("qemu", self.reference), ("ours", self.ours)):
+            if r is None:
+                continue
+            parts.append(f"--- {label}: {r.cmdline()}  [rc={r.rc}]")
+            parts.append(_clip(r.out, limit) if r.out else "(no stdout)")
+            if r.err.strip():
+                parts.append(f"--- {label} stderr:\n{_clip(r.err, limit)}")
+        return "\n".join(parts)
+
+
+def _clip(s: str, limit: int) -> str:
+    if len(s) <= limit:
+        return s
+    return s[: limit // 2] + f"\n... [{len(s) - limit} chars cut] ...\n" + s[-limit // 2 :]
+
+
+def _compare_text(
+    what: str, ref: Result, ours: Result, out: list[Mismatch], ref_may_fail: bool = False
+) -> None:
+    if ref.rc != 0 and ref_may_fail and ref.rc is not None:
+        # qemu refuses (e.g. human map of compressed clusters): ours must refuse the same way
+        if ours.rc != ref.rc or ours.out != ref.out:
+            out.append(Mismatch(what, f"qemu failed with rc={ref.rc}; ours must fail alike", ref, ours))
+    elif ref.rc != 0:
+        out.append(Mismatch(what, "ORACLE FAILED (harness problem: qemu side did not succeed)", ref, ours))
+    elif ours.rc != 0:
+        out.append(Mismatch(what, f"ours failed (rc={ours.rc})", ref, ours))
+    elif ref.out != ours.out:
+        out.append(Mismatch(what, "outputs differ", ref, ours))
+
+
+def _first_difference(a: Path, b: Path) -> str | None:
+    """None if the files are identical, else a description of the first difference."""
+    sa, sb = a.stat().st_size, b.stat().st_size
+    chunk = 1 << 20
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        pos = 0
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                n = min(len(x), len(y))
+                i = next((k for k in range(n) if x[k] != y[k]), n)
+                off = pos + i
+                return (
+                    f"first difference at byte {off} (0x{off:x}): "
+                    f"{a.name}={x[i : i + 16].hex()} {b.name}={y[i : i + 16].hex()}; sizes {sa} vs {sb}"
+                )
+            if not x:
+                return None
+            pos += len(x)
+
+
+@dataclass
+class Comparison:
+    image: Image
+    mismatches: list[Mismatch] = field(default_factory=list)
+    servers: list[Server] = field(default_factory=list)
+    context: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches and not any(s.exit_problem for s in self.servers)
+
+
+def compare_map(image: Image, cmp: Comparison, pool: ThreadPoolExecutor) -> None:
+    """``qemu-img map`` vs ``python -m qcow2 map``, JSON and human."""
+    jobs = []
+    for output in ("json", "human"):
+        ref = ["qemu-img", "map", f"--output={output}", image.path]
+        ours = [PYTHON, "-m", "qcow2", "map", f"--output={output}", image.path]
+        jobs.append(
+            (f"map --output={output}", pool.submit(run, ref, image.cwd), pool.submit(run, ours, image.cwd))
+        )
+    for what, fr, fo in jobs:
+        _compare_text(what, fr.result(), fo.result(), cmp.mismatches, ref_may_fail=True)
+
+
+def compare_nbd(
+    image: Image, workdir: Path, cmp: Comparison, pool: ThreadPoolExecutor, export: str = ""
+) -> None:
+    """Both servers on the same image, the same clients, the same answers."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        ref_srv = stack.enter_context(qemu_nbd(image, workdir / "qemu", export))
+        cmp.servers.append(ref_srv)
+        try:
+            our_srv = stack.enter_context(our_nbd(image, workdir / "ours", export))
+        except ServerError as e:
+            cmp.mismatches.append(Mismatch("start our server", str(e)))
+            return
+        cmp.servers.append(our_srv)
+        _nbd_clients(image, workdir, ref_srv, our_srv, cmp, pool)
+
+
+def _nbd_clients(image: Image, workdir: Path, ref: Server, ours: Server, cmp: Comparison, pool) -> None:
+    def both(argv_fn):
+        return pool.submit(run, argv_fn(ref), workdir), pool.submit(run, argv_fn(ours), workdir)
+
+    text_checks = {
+        "nbdinfo --map (base:allocation)": both(lambda s: ["nbdinfo", "--map", s.uri]),
+        "nbdinfo --map=qemu:allocation-depth": both(
+            lambda s: ["nbdinfo", "--map=qemu:allocation-depth", s.uri]
+        ),
+        "qemu-img map over NBD": both(lambda s: ["qemu-img", "map", "-f", "raw", "--output=json", s.uri]),
+    }
+    info = both(lambda s: ["nbdinfo", "--json", s.uri])
+    ref_raw, ours_raw, conv_raw = workdir / "qemu-nbd.raw", workdir / "ours.raw", workdir / "convert.raw"
+    copies = (
+        pool.submit(run, ["nbdcopy", ref.uri, str(ref_raw)], workdir),
+        pool.submit(run, ["nbdcopy", ours.uri, str(ours_raw)], workdir),
+    )
+    conv = pool.submit(
+        run, ["qemu-img", "convert", "-f", image.fmt, "-O", "raw", image.path, str(conv_raw)], image.cwd
+    )
+
+    for what, (fr, fo) in text_checks.items():
+        _compare_text(what, fr.result(), fo.result(), cmp.mismatches)
+    _compare_info(info[0].result(), info[1].result(), cmp.mismatches)
+
+    r_ref, r_ours, r_conv = copies[0].result(), copies[1].result(), conv.result()
+    if r_conv.rc != 0 or r_ref.rc != 0:
+        cmp.mismatches.append(
+            Mismatch(
+                "content",
+                "ORACLE FAILED (qemu-img convert / nbdcopy from qemu-nbd)",
+                r_conv if r_conv.rc != 0 else r_ref,
+                r_ours,
+            )
+        )
+        return
+    d = _first_difference(conv_raw, ref_raw)
+    if d:
+        cmp.mismatches.append(Mismatch("content", f"ORACLE DISAGREES: qemu-img convert vs qemu-nbd: {d}"))
+    if r_ours.rc != 0:
+        cmp.mismatches.append(Mismatch("content (nbdcopy from ours)", "nbdcopy failed", r_ref, r_ours))
+        return
+    d = _first_difference(conv_raw, ours_raw)
+    if d:
+        cmp.mismatches.append(Mismatch("content (nbdcopy from ours vs qemu-img convert -O raw)", d))
+        return  # keep the files for a look
+    for f in (ref_raw, ours_raw, conv_raw):
+        f.unlink(missing_ok=True)
+
+
+INFO_FIELDS = ("export-size", "is_read_only")
+REQUIRED_CONTEXTS = ("base:allocation", "qemu:allocation-depth")
+
+
+def _compare_info(ref: Result, ours: Result, out: list[Mismatch]) -> None:
+    what = "nbdinfo --json"
+    if ref.rc != 0:
+        out.append(Mismatch(what, "ORACLE FAILED", ref, ours))
+        return
+    if ours.rc != 0:
+        out.append(Mismatch(what, f"ours failed (rc={ours.rc})", ref, ours))
+        return
+    try:
+        r = json.loads(ref.out)["exports"][0]
+        o = json.loads(ours.out)["exports"][0]
+    except (ValueError, KeyError, IndexError) as e:
+        out.append(Mismatch(what, f"cannot parse nbdinfo JSON: {e}", ref, ours))
+        return
+    problems = [f"{k}: qemu={r.get(k)!r} ours={o.get(k)!r}" for k in INFO_FIELDS if r.get(k) != o.get(k)]
+    for c in REQUIRED_CONTEXTS:
+        if c not in (o.get("contexts") or []):
+            problems.append(f"context {c} not listed by ours (ours lists {o.get('contexts')})")
+    if problems:
+        out.append(Mismatch(what, "; ".join(problems), ref, ours))
+
+
+def compare_image(
+    image: Image, workdir: Path, *, map_: bool = True, nbd: bool = True, export: str = ""
+) -> Comparison:
+    cmp = Comparison(image)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        if map_:
+            compare_map(image, cmp, pool)
+        if nbd:
+            compare_nbd(image, workdir, cmp, pool, export)
+    return cmp
+
+
+def report(cmp: Comparison, title: str = "") -> str:
+    parts = []
+    if title:
+        parts.append(title)
+    parts.append(f"image: {cmp.image.path} (format {cmp.image.fmt}, opened from {cmp.image.cwd})")
+    parts += cmp.context
+    parts += [m.render() for m in cmp.mismatches]
+    for s in cmp.servers:
+        if s.exit_problem:
+            parts.append(f"=== SERVER PROBLEM: {s.describe()}\n{s.exit_problem}")
+        if s.name == "ours" or s.exit_problem:
+            err = s.stderr().strip()
+            if err:
+                parts.append(f"=== {s.name} server stderr:\n{_clip(err, 6000)}")
+    parts.append("=== commands that rebuild the image:\n" + cmp.image.recipe.script())
+    return "\n\n".join(parts)
+
+
+def assert_same(cmp: Comparison, title: str = "") -> None:
+    if not cmp.ok:
+        import pytest
+
+        pytest.fail(report(cmp, title), pytrace=False)
