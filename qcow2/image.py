@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import operator
 import os
-import re
 import struct
+from bisect import bisect_left
 from collections import OrderedDict
 from enum import IntEnum
+from itertools import compress
 
 from . import layout as L
 from .compression import decompress_cluster
@@ -18,7 +20,6 @@ from .status import DATA, OFFSET_VALID, RECURSE, ZERO, Status
 
 MAX_CHAIN_DEPTH = 64
 L2_CACHE_BYTES = 32 << 20
-_NONZERO = re.compile(rb"[^\x00]")
 _ZEROS = bytes(1 << 20)
 
 
@@ -44,6 +45,29 @@ _STATUS_FLAGS = {
     UNALLOC_PLAIN: 0,
     UNALLOC_ALLOC: OFFSET_VALID,
 }
+
+
+class L2Table:
+    """One L2 table decoded whole: entries, subcluster bitmaps, and where non-empty entries are."""
+
+    __slots__ = ("entries", "bitmaps", "used")
+
+    def __init__(self, raw: bytes, extended: bool) -> None:
+        words = struct.unpack(f">{len(raw) // 8}Q", raw)
+        if extended:
+            self.entries = words[0::2]
+            self.bitmaps = words[1::2]
+            either = map(operator.or_, self.entries, self.bitmaps)
+        else:
+            self.entries = words
+            self.bitmaps = None
+            either = words
+        self.used = list(compress(range(len(self.entries)), either))
+
+    def next_used(self, index: int) -> int:
+        """Index of the first non-empty entry at or after ``index`` (len if none)."""
+        i = bisect_left(self.used, index)
+        return self.used[i] if i < len(self.used) else len(self.entries)
 
 
 def _ctz32(v: int) -> int:
@@ -86,7 +110,7 @@ class Qcow2Image:
         self.has_data_file = h.has_data_file
         raw = file.pread(h.l1_table_offset, h.l1_size * 8)
         self.l1 = struct.unpack(f">{h.l1_size}Q", raw)
-        self._l2_cache: OrderedDict[int, bytes] = OrderedDict()
+        self._l2_cache: OrderedDict[int, L2Table] = OrderedDict()
         self._l2_cache_max = max(16, L2_CACHE_BYTES >> self.cluster_bits)
         self._csize_shift = 62 - (self.cluster_bits - 8)
         self._csize_mask = (1 << (self.cluster_bits - 8)) - 1
@@ -152,7 +176,7 @@ class Qcow2Image:
 
     # -- tables ---------------------------------------------------------------------
 
-    def _l2_table(self, l2_offset: int) -> bytes:
+    def _l2_table(self, l2_offset: int) -> L2Table:
         cache = self._l2_cache
         table = cache.get(l2_offset)
         if table is not None:
@@ -160,16 +184,11 @@ class Qcow2Image:
             return table
         if l2_offset & (self.cluster_size - 1):
             raise CorruptImageError(f"{self.filename}: L2 table offset {l2_offset:#x} unaligned")
-        table = self.file.pread(l2_offset, self.cluster_size)
+        table = L2Table(self.file.pread(l2_offset, self.cluster_size), self.extended_l2)
         cache[l2_offset] = table
         if len(cache) > self._l2_cache_max:
             cache.popitem(last=False)
         return table
-
-    def _entry(self, table: bytes, index: int) -> tuple[int, int]:
-        if self.extended_l2:
-            return L.U64x2.unpack_from(table, index * 16)
-        return L.U64.unpack_from(table, index * 8)[0], 0
 
     def _cluster_type(self, entry: int) -> int:
         """QEMU's qcow2_get_cluster_type, in subcluster terms for standard L2."""
@@ -219,14 +238,14 @@ class Qcow2Image:
         if not l2_offset:
             return UNALLOC_PLAIN, needed - in_cluster, 0
         table = self._l2_table(l2_offset)
-        esize = self.l2_entry_size
+        entries, bitmaps = table.entries, table.bitmaps
         nb_clusters = -(-needed >> cbits)
         sc_index = (offset >> self.subcluster_bits) & (self.subclusters - 1)
-        entry, bitmap = self._entry(table, l2_index)
+        entry = entries[l2_index]
+        bitmap = bitmaps[l2_index] if bitmaps else 0
         if not entry and not bitmap:
-            # Fast path: a run of empty entries, found by scanning the raw table.
-            m = _NONZERO.search(table, l2_index * esize, (l2_index + nb_clusters) * esize)
-            count = (m.start() // esize - l2_index) if m else nb_clusters
+            # A run of empty entries: found through the table's index, not entry by entry.
+            count = table.next_used(l2_index) - l2_index
             return UNALLOC_PLAIN, min(count << cbits, needed) - in_cluster, 0
         stype, n = self._range_type(entry, bitmap, sc_index)
         host = 0
@@ -254,7 +273,8 @@ class Qcow2Image:
         check_offset = stype in _HAS_HOST
         i = 1
         while full and i < nb_clusters:
-            entry, bitmap = self._entry(table, l2_index + i)
+            entry = entries[l2_index + i]
+            bitmap = bitmaps[l2_index + i] if bitmaps else 0
             t, n = self._range_type(entry, bitmap, 0)
             if t == INVALID:
                 raise CorruptImageError(f"{self.filename}: invalid L2 entry in table {l2_offset:#x}")
