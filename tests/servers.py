@@ -397,7 +397,8 @@ def report(cmp: Comparison, title: str = "") -> str:
     if title:
         parts.append(title)
     parts.append(f"image: {cmp.image.path} (format {cmp.image.fmt}, opened from {cmp.image.cwd})")
-    parts += cmp.context
+    if cmp.context:
+        parts.append("\n".join(cmp.context))
     parts += [m.render() for m in cmp.mismatches]
     for s in cmp.servers:
         if s.exit_problem:
