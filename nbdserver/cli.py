@@ -66,13 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def open_export(args: argparse.Namespace) -> Export:
-    if not args.read_only:
-        log.warning("writes are not supported yet: exporting %s read-only", args.image)
     try:
         disk = qcow2.open_disk(args.image, fmt=args.format, read_only=True)
     except Exception as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise StartupError(f"cannot open {args.image}: {msg}") from None
+    if not args.read_only:
+        log.warning("writes are not supported yet: exporting %s read-only", args.image)
     return Export(args.export_name, disk, args.description)
 
 
