@@ -46,6 +46,27 @@ class Disk(Protocol):
         Neighbours may share a status (callers merge); never past ``size``.
         """
 
+    # Writes (issue 3).  Errors are OSError with the errno the client should
+    # see (ENOSPC, EIO, EPERM...).  ``fua``: durable before returning.
+
+    @property
+    def can_trim(self) -> bool: ...
+
+    def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None: ...
+
+    def write_zeroes(
+        self, offset: int, length: int, may_unmap: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        """Make the range read as zeros.
+
+        ``may_unmap``: the client allows holes (NBD: no NO_HOLE flag).  ``fast``:
+        fail with ENOTSUP instead of writing zero bytes (NBD FAST_ZERO).
+        """
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Discard whole clusters in the range (a hint; partial clusters are kept)."""
+
     def flush(self) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Flush, mark the image clean, release files."""
