@@ -258,7 +258,10 @@ def test_reads_match_the_image(server, image):
             if structured:
                 chunks = []
                 buf = h.pread_structured(
-                    length, offset, lambda b, o, k, e: chunks.append((o, len(b), k)) or 0, nbd.CMD_FLAG_DF
+                    length,
+                    offset,
+                    lambda b, o, k, e, chunks=chunks: chunks.append((o, len(b), k)) or 0,
+                    nbd.CMD_FLAG_DF,
                 )
                 assert buf == data[offset : offset + length]
                 assert chunks == [(offset, length, nbd.READ_DATA)]
@@ -273,7 +276,7 @@ def test_structured_read_chunks(server, image):
     for df in (False, True):
         chunks = []
 
-        def chunk(buf, offset, kind, err):
+        def chunk(buf, offset, kind, err, chunks=chunks):
             chunks.append((offset, len(buf), kind))
             if kind == nbd.READ_HOLE:
                 assert buf == bytes(len(buf))
