@@ -35,15 +35,16 @@ def describe(context: str, value: int) -> str:
 def walk(h: nbd.NBD, size: int, contexts: list[str]) -> dict[str, list[list[int]]]:
     """Extents per context as [offset, length, value], merged and cut at ``size``."""
     found: dict[str, list[list[int]]] = {c: [] for c in contexts}
+    reply: dict[str, list[int]] = {}  # one request's extents, per context
+
+    def extent(metacontext, start, entries, error):
+        if metacontext in found and metacontext not in reply:
+            reply[metacontext] = list(entries)
+        return 0
+
     offset = 0
     while offset < size:
-        reply: dict[str, list[int]] = {}
-
-        def extent(metacontext, start, entries, error):
-            if metacontext in found and metacontext not in reply:
-                reply[metacontext] = list(entries)
-            return 0
-
+        reply.clear()
         h.block_status(min(size - offset, MAX_REQUEST), offset, extent)
         missing = [c for c in contexts if not reply.get(c)]
         if missing:
