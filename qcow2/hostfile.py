@@ -6,12 +6,27 @@ so holes in sparse files read as zeros and say so.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 
 from .status import DATA, OFFSET_VALID, ZERO, Status
 
 SECTOR = 512
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode; Python's os module only offers mode 0."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 class HostFile:
@@ -63,6 +78,26 @@ class HostFile:
         buf = bytearray(length)
         self.readinto(offset, memoryview(buf))
         return bytes(buf)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        done = 0
+        view = memoryview(data)
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        if offset + done > self.file_size:
+            self.refresh_size()
+
+    def zero_range(self, offset: int, length: int) -> bool:
+        """Zero without writing data (unwritten extents); False if the filesystem can't."""
+        try:
+            fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return False
+            raise
+        if offset + length > self.file_size:
+            self.refresh_size()
+        return True
 
     def flush(self) -> None:
         os.fsync(self.fd)
