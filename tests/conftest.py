@@ -25,3 +25,20 @@ def oracle_tools() -> None:
 @pytest.fixture
 def recipe(tmp_path: Path, oracle_tools: None) -> Recipe:
     return Recipe(tmp_path / "img")
+
+
+@pytest.fixture(scope="session")
+def case_image(tmp_path_factory: pytest.TempPathFactory, oracle_tools: None):
+    """``case_image(name)`` builds ``images.CASES[name]`` once per session (every user only reads it)."""
+    from images import CASES
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            rc = Recipe(tmp_path_factory.mktemp("case-" + name[:40]) / "img")
+            cache[name] = CASES[name](rc)
+        cache[name].check_premise()
+        return cache[name]
+
+    return get

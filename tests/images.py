@@ -64,6 +64,12 @@ class Image:
     cwd: Path
     fmt: str
     recipe: Recipe
+    # re-checked before each use of a cached image: what makes the case meaningful
+    premise: Callable[[Image], None] | None = None
+
+    def check_premise(self) -> None:
+        if self.premise is not None:
+            self.premise(self)
 
     @property
     def abspath(self) -> Path:
@@ -265,9 +271,18 @@ def write_file(path: str | Path, spec: str) -> None:
             f.write(bytes([byte]) * length)
 
 
+def poke(path: str | Path, offset: int, fmt: str, value: int) -> None:
+    """Overwrite one big-endian field (``struct`` format ``fmt``, e.g. ``>I``) at ``offset``."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
 def main(argv: list[str]) -> int:
     cmd, *args = argv
-    if cmd == "set-incompat":
+    if cmd == "poke":
+        poke(args[0], int(args[1], 0), args[2], int(args[3], 0))
+    elif cmd == "set-incompat":
         set_incompatible_bits(args[0], int(args[1], 0))
     elif cmd == "strip-backing-format":
         strip_backing_format(args[0])
@@ -700,7 +715,10 @@ def _old_style_qcow2(rc: Recipe) -> Image:
     rc.create("top.qcow2", "1M", backing="base.qcow2", backing_fmt="qcow2")
     rc.io("top.qcow2", "write -P 2 64k 64k")
     rc.tool("strip-backing-format", "top.qcow2")
-    return rc.image("top.qcow2")
+    img = rc.image("top.qcow2")
+    img.premise = _no_backing_format
+    img.check_premise()
+    return img
 
 
 @case("chain-old-style-raw-base")
@@ -710,7 +728,10 @@ def _old_style_raw(rc: Recipe) -> Image:
     rc.create("top.qcow2", "1M", backing="base.raw", backing_fmt="raw", compat="0.10")
     rc.io("top.qcow2", "write -P 2 64k 64k")
     rc.tool("strip-backing-format", "top.qcow2")
-    return rc.image("top.qcow2")
+    img = rc.image("top.qcow2")
+    img.premise = _no_backing_format
+    img.check_premise()
+    return img
 
 
 @case("chain-v2-over-v3-extl2")
@@ -867,9 +888,10 @@ def _lazy_dirty(rc: Recipe) -> Image:
         "abort",
         ok_signals=(6,),
     )
-    if not read_header(rc.root / "lz.qcow2")["incompatible_features"] & 1:
-        raise BuildError("the lazy-refcount image is not dirty; the case tests nothing")
-    return rc.image("lz.qcow2")
+    img = rc.image("lz.qcow2")
+    img.premise = _has_incompat_bit(0, "dirty")
+    img.check_premise()
+    return img
 
 
 @case("corrupt-bit")
@@ -877,7 +899,24 @@ def _corrupt(rc: Recipe) -> Image:
     rc.create("cr.qcow2", "1M")
     rc.io("cr.qcow2", "write -P 1 0 64k", "write -z 128k 64k")
     rc.tool("set-incompat", "cr.qcow2", "0x2")
-    return rc.image("cr.qcow2")
+    img = rc.image("cr.qcow2")
+    img.premise = _has_incompat_bit(1, "corrupt")
+    img.check_premise()
+    return img
+
+
+def _has_incompat_bit(bit: int, what: str) -> Callable[[Image], None]:
+    def premise(img: Image) -> None:
+        if not read_header(img.abspath)["incompatible_features"] & (1 << bit):
+            raise BuildError(f"{img.abspath} is no longer {what} (bit {bit} clear): some tool rewrote it")
+
+    return premise
+
+
+def _no_backing_format(img: Image) -> None:
+    _, exts, _ = header_extensions(img.abspath)
+    if any(m == EXT_BACKING_FORMAT for m, _ in exts):
+        raise BuildError(f"{img.abspath} has a backing format extension: not an old-style image")
 
 
 if __name__ == "__main__":

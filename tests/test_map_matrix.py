@@ -8,7 +8,7 @@ from servers import assert_same, compare_image
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_map_matches_qemu_img(name, recipe, tmp_path):
-    image = CASES[name](recipe)
+def test_map_matches_qemu_img(name, case_image, tmp_path):
+    image = case_image(name)
     cmp = compare_image(image, tmp_path / "cmp", map_=True, nbd=False)
     assert_same(cmp, f"case {name}: python -m qcow2 map vs qemu-img map")
