@@ -26,6 +26,8 @@ log = logging.getLogger("nbdserver")
 MAX_IN_FLIGHT = 64  # requests per connection being served at once
 IN_FLIGHT_BYTES = 64 * 1024 * 1024  # read/write bytes per connection held in memory at once
 DISCARD_CHUNK = 1024 * 1024  # a refused WRITE payload is skipped this much at a time
+INLINE_MAX = 64 * 1024  # reads up to this size run on the event loop, not in a worker
+INLINE_COMMANDS = frozenset({Cmd.READ, Cmd.CACHE})
 ACCEPT_RETRY_DELAY = 0.1  # back-off after a failed accept() (e.g. out of file descriptors)
 
 
@@ -149,6 +151,10 @@ class Connection:
                 self.writer.writelines(commands.error_reply(req, negotiated.structured, error, message))
                 await self.writer.drain()
                 continue
+            if self.server.can_run_inline(req):
+                self.writer.writelines(commands.run(negotiated.export, req, negotiated))
+                await self.writer.drain()
+                continue
             await self._slots.acquire()
             held = await self._bytes.acquire(req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0)
             payload = None
@@ -195,14 +201,33 @@ class Server:
         self.exports = exports
         self.connections: set[Connection] = set()
         self._slots = asyncio.Semaphore(max_clients) if max_clients > 0 else None
+        self._thread_safe = all(getattr(e.disk, "thread_safe", False) for e in exports.values())
+        self._busy = 0  # worker jobs not finished yet
         if workers is None:
-            thread_safe = all(getattr(e.disk, "thread_safe", False) for e in exports.values())
-            workers = 8 if thread_safe else 1  # a disk not known to be thread-safe gets one worker
+            workers = 8 if self._thread_safe else 1  # a disk not known to be thread-safe gets one worker
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
         self._tasks: set[asyncio.Task] = set()
 
+    def can_run_inline(self, req: Request) -> bool:
+        """Small reads (page-cache hits, mostly) cost less than a hop to a worker thread.
+
+        A disk not known to be thread-safe is touched inline only while no
+        worker is using it, so its calls stay serialised.
+        """
+        return (
+            req.cmd in INLINE_COMMANDS and req.length <= INLINE_MAX and (self._thread_safe or not self._busy)
+        )
+
     async def run_in_worker(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        loop = asyncio.get_running_loop()
+        job = self._executor.submit(fn, *args)
+        self._busy += 1
+        # Counted down when the job really ends, even if the awaiting request was cancelled.
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._job_done))
+        return await asyncio.wrap_future(job)
+
+    def _job_done(self) -> None:
+        self._busy -= 1
 
     async def accept_loop(self, listener: socket.socket) -> None:
         """Accept clients until cancelled; with ``max_clients``, wait for a free slot first."""
