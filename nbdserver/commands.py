@@ -9,13 +9,16 @@ bulk data.  They know nothing of sockets, so they are tested directly.
 from __future__ import annotations
 
 import errno
+import logging
 from collections.abc import Callable
 
 from . import wire
-from .constants import Cmd, CmdFlag, Err
+from .constants import Cmd, CmdFlag, Err, cmd_name
 from .export import CONTEXTS, Export, block_status, read_plan
 from .handshake import Negotiated
 from .requests import Request
+
+log = logging.getLogger("nbdserver")
 
 Buffers = list[bytes | memoryview]
 Handler = Callable[[Export, Request, Negotiated, "memoryview | None"], Buffers]
@@ -124,4 +127,6 @@ def run(export: Export, req: Request, state: Negotiated, payload: memoryview | N
     try:
         return handler(export, req, state, payload)
     except Exception as e:  # a disk failure fails this request only
-        return error_reply(req, state.structured, error_for(e), f"{type(e).__name__}: {e}")
+        error = error_for(e)
+        log.warning("%s at offset %d, length %d failed: %s", cmd_name(req.cmd), req.offset, req.length, e)
+        return error_reply(req, state.structured, error, f"{type(e).__name__}: {e}")

@@ -75,14 +75,14 @@ class Handshake:
     """One connection's handshake; ``exports`` maps names (``""`` = default) to exports."""
 
     exports: Mapping[str, Export]
-    structured: bool = False
-    no_zeroes: bool = False
-    contexts: list[tuple[int, str]] = field(default_factory=list)
-    _meta_export: str | None = None
-    _next_context_id: int = 0
-    _state: _State = _State.CLIENT_FLAGS
-    _need: int = 4
-    _option: int = 0
+    structured: bool = field(default=False, init=False)
+    no_zeroes: bool = field(default=False, init=False)
+    contexts: list[tuple[int, str]] = field(default_factory=list, init=False)
+    _meta_export: str | None = field(default=None, init=False)  # export the selection was made for
+    _next_context_id: int = field(default=0, init=False)
+    _state: _State = field(default=_State.CLIENT_FLAGS, init=False)
+    _need: int = field(default=4, init=False)
+    _option: int = field(default=0, init=False)
 
     @staticmethod
     def greeting() -> bytes:
@@ -241,7 +241,7 @@ class Handshake:
         self.structured = True
         return Step([self._reply(Opt.STRUCTURED_REPLY, Rep.ACK)])
 
-    def _meta_request(self, option: int, data: bytes) -> tuple[Export | None, list[str]]:
+    def _meta_request(self, data: bytes) -> tuple[Export | None, list[str]]:
         request = self._parse(wire.MetaContextRequest, data)
         self._check_string(request.name, "export name")
         for query in request.queries:
@@ -250,7 +250,7 @@ class Handshake:
 
     def _opt_list_meta_context(self, data: bytes) -> Step:
         option = Opt.LIST_META_CONTEXT
-        export, queries = self._meta_request(option, data)
+        export, queries = self._meta_request(data)
         if export is None:
             return Step([self._error(option, Rep.ERR_UNKNOWN, "export not found")])
         replies = [
@@ -265,7 +265,7 @@ class Handshake:
         self.contexts, self._meta_export = [], None  # replaced even if this SET fails
         if not self.structured:
             raise _Invalid("SET_META_CONTEXT needs structured replies first")
-        export, queries = self._meta_request(option, data)
+        export, queries = self._meta_request(data)
         if export is None:
             return Step([self._error(option, Rep.ERR_UNKNOWN, "export not found")])
         replies = []

@@ -29,6 +29,7 @@ DISCARD_CHUNK = 1024 * 1024  # a refused WRITE payload is skipped this much at a
 INLINE_MAX = 64 * 1024  # reads up to this size run on the event loop, not in a worker
 INLINE_COMMANDS = frozenset({Cmd.READ, Cmd.CACHE})
 ACCEPT_RETRY_DELAY = 0.1  # back-off after a failed accept() (e.g. out of file descriptors)
+SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish after SIGTERM
 
 
 class _ByteBudget:
@@ -183,6 +184,9 @@ class Connection:
             await self.writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
+        except Exception:
+            log.exception("%s: internal error in %s; dropping the client", self.peer, cmd_name(req.cmd))
+            self.writer.close()  # the reply is lost: better a closed connection than a client waiting forever
         finally:
             self._slots.release()
             self._bytes.release(held)
@@ -207,6 +211,7 @@ class Server:
             workers = 8 if self._thread_safe else 1  # a disk not known to be thread-safe gets one worker
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
         self._tasks: set[asyncio.Task] = set()
+        self._accepted = 0
 
     def can_run_inline(self, req: Request) -> bool:
         """Small reads (page-cache hits, mostly) cost less than a hop to a worker thread.
@@ -255,7 +260,12 @@ class Server:
             self._slots.release()
 
     async def _client(self, sock: socket.socket, addr) -> None:
-        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else f"unix:{sock.fileno()}"
+        self._accepted += 1
+        peer = (
+            f"client {self._accepted} ({addr[0]}:{addr[1]})"
+            if isinstance(addr, tuple)
+            else f"client {self._accepted}"
+        )
         try:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -280,5 +290,9 @@ class Server:
             conn.stop()
         pending = [t for t in self._tasks if not t.done()]
         if pending:
-            await asyncio.wait(pending)
+            _, late = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
+            for task in late:  # clients that stopped reading their replies
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
         self._executor.shutdown(wait=True)
