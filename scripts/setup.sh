@@ -21,10 +21,11 @@ VENV=${VENV:-$ROOT/.venv}
 #   qemu-utils      qemu-img / qemu-io / qemu-nbd (build test images, reference answers)
 #   libnbd-bin      nbdinfo, nbdcopy, nbdsh (clients)
 #   python3-libnbd  the libnbd Python binding (`import nbd`, for tests and examples)
-#   nbdkit          a second reference server for the tests
 #   python3-venv    the venv module, with pip for it
 #   fio             the benchmark's random-read load (nbd engine)
-APT_PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit python3-venv fio ca-certificates)
+#   util-linux      fallocate (test images with punched holes)
+#   ca-certificates pip talks HTTPS to PyPI
+APT_PACKAGES=(qemu-utils libnbd-bin python3-libnbd python3-venv fio util-linux ca-certificates)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
