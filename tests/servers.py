@@ -16,6 +16,7 @@ import contextlib
 import difflib
 import json
 import os
+import random
 import select
 import shlex
 import signal
@@ -317,9 +318,12 @@ def _nbd_clients(image: Image, workdir: Path, ref: Server, ours: Server, cmp: Co
     }
     info = both(lambda s: ["nbdinfo", "--json", s.uri])
     ref_raw, ours_raw, conv_raw = workdir / "qemu-nbd.raw", workdir / "ours.raw", workdir / "convert.raw"
+    ours_full = workdir / "ours-no-extents.raw"
     copies = (
         pool.submit(run, ["nbdcopy", ref.uri, str(ref_raw)], workdir),
         pool.submit(run, ["nbdcopy", ours.uri, str(ours_raw)], workdir),
+        # without block status: every byte comes from READ, nothing is skipped as a hole
+        pool.submit(run, ["nbdcopy", "--no-extents", ours.uri, str(ours_full)], workdir),
     )
     conv = pool.submit(
         run, ["qemu-img", "convert", "-f", image.fmt, "-O", "raw", image.path, str(conv_raw)], image.cwd
@@ -329,7 +333,7 @@ def _nbd_clients(image: Image, workdir: Path, ref: Server, ours: Server, cmp: Co
         _compare_text(what, fr.result(), fo.result(), cmp.mismatches)
     _compare_info(info[0].result(), info[1].result(), cmp.mismatches)
 
-    r_ref, r_ours, r_conv = copies[0].result(), copies[1].result(), conv.result()
+    r_ref, r_ours, r_full, r_conv = copies[0].result(), copies[1].result(), copies[2].result(), conv.result()
     if r_conv.rc != 0 or r_ref.rc != 0:
         cmp.mismatches.append(
             Mismatch(
@@ -343,15 +347,67 @@ def _nbd_clients(image: Image, workdir: Path, ref: Server, ours: Server, cmp: Co
     d = _first_difference(conv_raw, ref_raw)
     if d:
         cmp.mismatches.append(Mismatch("content", f"ORACLE DISAGREES: qemu-img convert vs qemu-nbd: {d}"))
-    if r_ours.rc != 0:
-        cmp.mismatches.append(Mismatch("content (nbdcopy from ours)", "nbdcopy failed", r_ref, r_ours))
-        return
-    d = _first_difference(conv_raw, ours_raw)
-    if d:
-        cmp.mismatches.append(Mismatch("content (nbdcopy from ours vs qemu-img convert -O raw)", d))
-        return  # keep the files for a look
-    for f in (ref_raw, ours_raw, conv_raw):
-        f.unlink(missing_ok=True)
+    keep = False
+    for label, r, f in (("nbdcopy", r_ours, ours_raw), ("nbdcopy --no-extents", r_full, ours_full)):
+        what = f"content ({label} from ours vs qemu-img convert -O raw)"
+        if r.rc != 0:
+            cmp.mismatches.append(Mismatch(what, f"{label} from ours failed", r_ref, r))
+            keep = True
+            continue
+        d = _first_difference(conv_raw, f)
+        if d:
+            cmp.mismatches.append(Mismatch(what, f"{d}\n(files kept: {conv_raw} {f})"))
+            keep = True
+    if not keep:
+        _compare_reads(image, ref, ours, conv_raw, cmp)
+    if not keep:
+        for f in (ref_raw, ours_raw, ours_full, conv_raw):
+            f.unlink(missing_ok=True)
+
+
+def _read_probes(size: int) -> list[tuple[int, int]]:
+    """Aligned and unaligned (offset, length) pairs, deterministic for a given size."""
+    rng = random.Random(size)
+    picks = [(0, min(size, 1)), (0, min(size, 4096)), (size - 1, 1), (max(0, size - 1000), min(size, 1000))]
+    for _ in range(24):
+        off = rng.randrange(size)
+        if rng.random() < 0.3:
+            off -= off % 512
+        length = rng.randint(1, min(size - off, rng.choice([17, 512, 5000, 70000, 300000])))
+        picks.append((off, length))
+    return picks
+
+
+def _compare_reads(image: Image, ref: Server, ours: Server, conv_raw: Path, cmp: Comparison) -> None:
+    """Single NBD_CMD_READs at odd offsets and lengths through libnbd, against the reference bytes."""
+    import nbd
+
+    data = conv_raw.read_bytes()
+    h = nbd.NBD()
+    try:
+        h.connect_uri(ours.uri)
+        for off, length in _read_probes(len(data)):
+            try:
+                got = h.pread(length, off)
+            except nbd.Error as e:
+                cmp.mismatches.append(Mismatch(f"pread({length}, {off}) from ours", f"failed: {e}"))
+                return
+            if got != data[off : off + length]:
+                i = next(k for k in range(length) if got[k] != data[off + k])
+                cmp.mismatches.append(
+                    Mismatch(
+                        f"pread({length}, {off}) from ours",
+                        f"differs from qemu-img convert at byte {off + i}: ours {got[i : i + 16].hex()} "
+                        f"qemu {data[off + i : off + i + 16].hex()}",
+                    )
+                )
+                return
+    except nbd.Error as e:
+        cmp.mismatches.append(Mismatch("libnbd connection to ours", str(e)))
+    finally:
+        with contextlib.suppress(nbd.Error):
+            h.shutdown()
+        del h
 
 
 INFO_FIELDS = ("export-size", "is_read_only")
