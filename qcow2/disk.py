@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 
 from .device import Extent
@@ -34,13 +35,38 @@ class ChainDisk:
             yield Extent(st.length, bool(flags & DATA), bool(flags & ZERO), depth if flags & ALLOCATED else 0)
             offset += st.length
 
+    # -- writes -------------------------------------------------------------------
+
+    @property
+    def can_trim(self) -> bool:
+        return not self._read_only
+
+    def _writer(self):
+        if self._read_only:
+            raise OSError(errno.EPERM, "the disk is read-only")
+        writer = getattr(self.top, "writer", None)
+        return writer if writer is not None else self.top
+
+    def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        self._writer().write(offset, data)
+        if fua:
+            self.flush()
+
+    def write_zeroes(
+        self, offset: int, length: int, may_unmap: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        self._writer().write_zeroes(offset, length, may_unmap, fast)
+        if fua:
+            self.flush()
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._writer().trim(offset, length)
+        if fua:
+            self.flush()
+
     def flush(self) -> None:
-        layer = self.top
-        while layer is not None:
-            flush = getattr(layer, "flush", None)
-            if flush is not None:
-                flush()
-            layer = layer.backing
+        if not self._read_only:
+            self.top.flush()
 
     def close(self) -> None:
         layer = self.top

@@ -99,6 +99,30 @@ class HostFile:
             self.refresh_size()
         return True
 
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False, fast: bool = False) -> None:
+        """A raw disk: punch a hole when allowed, else zero the range in place."""
+        if may_unmap:
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+        if self.zero_range(offset, length):
+            return
+        if fast:
+            raise OSError(errno.ENOTSUP, "zeroing this range needs data writes")
+        zeros = bytes(min(length, 1 << 20))
+        for pos in range(offset, offset + length, len(zeros)):
+            self.write(pos, memoryview(zeros)[: min(len(zeros), offset + length - pos)])
+
+    def trim(self, offset: int, length: int) -> None:
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
     def flush(self) -> None:
         os.fsync(self.fd)
 

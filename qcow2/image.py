@@ -55,14 +55,32 @@ class L2Table:
     def __init__(self, raw: bytes, extended: bool) -> None:
         words = struct.unpack(f">{len(raw) // 8}Q", raw)
         if extended:
-            self.entries = words[0::2]
-            self.bitmaps = words[1::2]
+            self.entries = list(words[0::2])
+            self.bitmaps = list(words[1::2])
             either = map(operator.or_, self.entries, self.bitmaps)
         else:
-            self.entries = words
+            self.entries = list(words)
             self.bitmaps = None
             either = words
         self.used = list(compress(range(len(self.entries)), either))
+
+    def set(self, index: int, entry: int, bitmap: int = 0) -> None:
+        self.entries[index] = entry
+        if self.bitmaps is not None:
+            self.bitmaps[index] = bitmap
+        i = bisect_left(self.used, index)
+        present = i < len(self.used) and self.used[i] == index
+        if (entry or bitmap) and not present:
+            self.used.insert(i, index)
+        elif not (entry or bitmap) and present:
+            del self.used[i]
+
+    def pack(self, first: int, count: int) -> bytes:
+        """On-disk bytes of entries ``first .. first+count-1``."""
+        if self.bitmaps is None:
+            return struct.pack(f">{count}Q", *self.entries[first : first + count])
+        words = [w for i in range(first, first + count) for w in (self.entries[i], self.bitmaps[i])]
+        return struct.pack(f">{2 * count}Q", *words)
 
     def next_used(self, index: int) -> int:
         """Index of the first non-empty entry at or after ``index`` (len if none)."""
@@ -106,10 +124,11 @@ class Qcow2Image:
         self.l2_bits = self.l2_entries.bit_length() - 1
         self.subclusters = 32 if self.extended_l2 else 1
         self.subcluster_bits = self.cluster_bits - (5 if self.extended_l2 else 0)
+        self.subcluster_size = 1 << self.subcluster_bits
         self.size = h.size // 512 * 512  # QEMU counts whole sectors
         self.has_data_file = h.has_data_file
         raw = file.pread(h.l1_table_offset, h.l1_size * 8)
-        self.l1 = struct.unpack(f">{h.l1_size}Q", raw)
+        self.l1 = list(struct.unpack(f">{h.l1_size}Q", raw))
         self._l2_cache: OrderedDict[int, L2Table] = OrderedDict()
         self._l2_cache_max = max(16, L2_CACHE_BYTES >> self.cluster_bits)
         self._csize_shift = 62 - (self.cluster_bits - 8)
@@ -117,37 +136,49 @@ class Qcow2Image:
         self._coffset_mask = (1 << self._csize_shift) - 1
         self._compressed_cache: tuple[int, bytes] | None = None
         self._metadata_prealloc: bool | None = None
+        self.writer = None  # a Qcow2Writer when opened read-write
 
     # -- opening -------------------------------------------------------------------
 
     @classmethod
-    def open(cls, filename: str, _depth: int = 0) -> Qcow2Image:
+    def open(cls, filename: str, writable: bool = False, _depth: int = 0) -> Qcow2Image:
+        """Open an image and its backing chain (backing files always read-only)."""
         if _depth > MAX_CHAIN_DEPTH:
             raise ImageError(f"{filename}: backing chain deeper than {MAX_CHAIN_DEPTH} (a loop?)")
         try:
-            file = HostFile(filename)
+            file = HostFile(filename, writable)
         except OSError as e:
             raise ImageError(f"{filename}: cannot open: {e.strerror}") from None
+        data_file = backing = None
         try:
             with open(filename, "rb") as f:
                 cluster0 = f.read(1 << 21)
             header = parse_header(cluster0, filename)
-            data_file = cls._open_data_file(filename, header)
+            if writable and header.corrupt:
+                raise ImageError(f"{filename}: image is corrupt; cannot be opened read/write")
+            data_file = cls._open_data_file(filename, header, writable)
             backing = cls._open_backing(filename, header, _depth)
+            image = cls(filename, file, header, backing, data_file)
+            if writable:
+                from .write import Qcow2Writer
+
+                image.writer = Qcow2Writer(image)
         except BaseException:
-            file.close()
+            for layer in (file, data_file, backing):
+                if layer is not None:
+                    layer.close()
             raise
-        return cls(filename, file, header, backing, data_file)
+        return image
 
     @staticmethod
-    def _open_data_file(filename: str, h: Header) -> HostFile | None:
+    def _open_data_file(filename: str, h: Header, writable: bool) -> HostFile | None:
         if not h.has_data_file:
             return None
         if not h.data_file:
             raise ImageError(f"{filename}: the image needs an external data file but names none")
         path = os.path.join(os.path.dirname(filename), h.data_file)
         try:
-            return HostFile(path)
+            return HostFile(path, writable)
         except OSError as e:
             raise ImageError(f"{filename}: cannot open data file {path}: {e.strerror}") from None
 
@@ -171,7 +202,7 @@ class Qcow2Image:
             except OSError as e:
                 raise ImageError(f"{filename}: cannot open backing file {path}: {e.strerror}") from None
         if fmt == "qcow2":
-            return Qcow2Image.open(path, depth + 1)
+            return Qcow2Image.open(path, _depth=depth + 1)
         raise ImageError(f"{filename}: backing file format {fmt!r} is not supported")
 
     # -- tables ---------------------------------------------------------------------
@@ -359,9 +390,13 @@ class Qcow2Image:
         return data
 
     def flush(self) -> None:
-        pass
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
         self.file.close()
         if self.data_file is not None:
             self.data_file.close()

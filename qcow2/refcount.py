@@ -51,6 +51,7 @@ class Refcounts:
         self.alloc_end = -(-file.file_size >> cluster_bits)
         self._blocks: OrderedDict[int, bytearray] = OrderedDict()
         self._dirty: set[int] = set()
+        self.version = 0  # bumped whenever the table or its blocks move
 
     # -- reading ---------------------------------------------------------------------
 
@@ -235,6 +236,7 @@ class Refcounts:
         self.alloc_end = max(self.alloc_end, cluster + 1)
 
     def _hook_block(self, index: int, offset: int) -> None:
+        self.version += 1
         self.table[index] = offset
         os.pwrite(self.file.fd, U64.pack(offset), self.table_offset + index * 8)
 
@@ -274,6 +276,7 @@ class Refcounts:
         if self.on_table_moved is not None:
             self.on_table_moved(table_offset, table_clusters)
         self.table, self.table_offset, self.table_clusters = table, table_offset, table_clusters
+        self.version += 1
         for index, blk in new_blocks.items():
             self._cache(index, blk)
         self.alloc_end = max(self.alloc_end, start + area)
