@@ -38,13 +38,19 @@ def tool(name: str) -> str:
     return path
 
 
-def run(*argv: str | Path) -> str:
+def run(*argv: str | Path, env: dict[str, str] | None = None) -> str:
     """Run a tool, fail the test with its stderr if it fails, return stdout."""
     argv = (tool(str(argv[0])), *map(str, argv[1:]))
-    p = subprocess.run(argv, capture_output=True, text=True)
+    p = subprocess.run(argv, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         pytest.fail(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr.strip()}", pytrace=False)
     return p.stdout
+
+
+def python_first_env() -> dict[str, str]:
+    """Environment whose ``python3`` is this interpreter: nbdsh runs ``python3 -m nbd``."""
+    here = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": here + os.pathsep + os.environ.get("PATH", "")}
 
 
 def wait_pid_exit(pid: int, timeout: float = 10.0) -> bool:

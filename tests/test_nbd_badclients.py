@@ -231,3 +231,19 @@ def test_unknown_options_then_go(server):
         assert c.replies_until_final()[-1] == (1, b"")
         c.structured = False
         assert_read_works(c)
+
+
+def test_small_read_is_not_stuck_behind_a_big_one(server):
+    with RawClient(server.sock) as c:
+        c.go()
+        big = struct.pack(">IHHQQI", 0x25609513, 0, READ, 1, 0, 32 * MiB)
+        small = struct.pack(">IHHQQI", 0x25609513, 0, READ, 2, 63 * MiB, 4096)
+        c.sock.sendall(big + small)  # one write: both requests are in flight together
+        flags, kind, cookie, payload = c.chunk()
+        assert (flags, kind, cookie) == (1, 1, 2) and payload[8:] == b"\xa5" * 4096
+        got = 0
+        while got < 32 * MiB:
+            flags, kind, cookie, payload = c.chunk()
+            assert cookie == 1
+            got += len(payload) - 8 if kind == 1 else struct.unpack(">QI", payload)[1]
+        assert flags & 1

@@ -8,14 +8,16 @@ must be equal.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import nbd
 import pytest
-from nbd_wire import Server, make_raw_image, run, tool, wait_pid_exit
+from nbd_wire import Server, make_raw_image, python_first_env, run, tool, wait_pid_exit
 
 MiB = 1 << 20
 DEPTH = "qemu:allocation-depth"
@@ -105,9 +107,6 @@ def qemu(image, tmp_path_factory):
     )
     pid = int(pidfile.read_text())
     yield f"nbd+unix:///?socket={sock}"
-    import os
-    import signal
-
     os.kill(pid, signal.SIGTERM)
     wait_pid_exit(pid)
 
@@ -370,3 +369,9 @@ def test_qemu_tools_read_over_nbd(server, image):
     assert first.count(first[0]) == 512
     out = run("qemu-io", "-r", "-f", "raw", "-c", f"read -P {first[0]:#x} 0 512", server.uri)
     assert "read 512/512 bytes" in out
+
+
+def test_nbdsh_reads(server, image):
+    code = "print(h.get_size(), h.is_read_only(), h.pread(16, 0).hex())"
+    out = run("nbdsh", "-u", server.uri, "-c", code, env=python_first_env())
+    assert out.split() == [str(len(image.content)), "True", image.content[:16].hex()]
