@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import NamedTuple
 
-from construct import ConstructError
+from construct import Construct, ConstructError, Container
 
 from . import wire
 from .constants import (
@@ -152,7 +152,7 @@ class Handshake:
             raise _Invalid(f"{opt_name(option)} takes no data")
 
     @staticmethod
-    def _parse(layout, data: bytes):
+    def _parse(layout: Construct, data: bytes) -> Container:
         try:
             return layout.parse(data)
         except (ConstructError, UnicodeDecodeError, struct.error) as e:

@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from . import commands
 from .constants import Cmd, cmd_name
@@ -22,6 +23,7 @@ from .handshake import Handshake, Negotiated, ProtocolError
 from .requests import Request, check, parse_request
 
 log = logging.getLogger("nbdserver")
+T = TypeVar("T")
 
 MAX_IN_FLIGHT = 64  # requests per connection being served at once
 IN_FLIGHT_BYTES = 64 * 1024 * 1024  # read/write bytes per connection held in memory at once
@@ -223,7 +225,8 @@ class Server:
             req.cmd in INLINE_COMMANDS and req.length <= INLINE_MAX and (self._thread_safe or not self._busy)
         )
 
-    async def run_in_worker(self, fn, *args):
+    async def run_in_worker(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking disk call on the worker pool."""
         loop = asyncio.get_running_loop()
         job = self._executor.submit(fn, *args)
         self._busy += 1
@@ -259,7 +262,7 @@ class Server:
         if self._slots is not None:
             self._slots.release()
 
-    async def _client(self, sock: socket.socket, addr) -> None:
+    async def _client(self, sock: socket.socket, addr: object) -> None:
         self._accepted += 1
         peer = (
             f"client {self._accepted} ({addr[0]}:{addr[1]})"
