@@ -150,8 +150,12 @@ class Refcounts:
         offset = self.block_offset(index)
         os.pwrite(self.file.fd, blk[start:end], offset + start)
 
-    def change(self, cluster: int, count: int, delta: int) -> None:
-        """Add ``delta`` to the refcounts of ``count`` clusters from ``cluster``."""
+    def change(self, cluster: int, count: int, delta: int, discard: bool = False) -> None:
+        """Add ``delta`` to the refcounts of ``count`` clusters from ``cluster``.
+
+        ``discard``: punch out clusters whose refcount drops to zero (QEMU passes
+        guest discard requests through to the image file this way).
+        """
         per = self.entries_per_block
         end = cluster + count
         while cluster < end:
@@ -171,8 +175,11 @@ class Refcounts:
                     raise OSError(errno.EIO, f"refcount of cluster {index * per + i} out of range ({value})")
                 a, b = self._set_entry(blk, i, value)
                 lo, hi = min(lo, a), max(hi, b)
-                if value == 0 and index * per + i < self.free_index:
-                    self.free_index = index * per + i
+                if value == 0:
+                    freed = index * per + i
+                    self.free_index = min(self.free_index, freed)
+                    if discard:
+                        self.file.trim(freed << self.cluster_bits, self.cluster_size)
             if self.lazy:
                 self._dirty.add(index)
             else:
@@ -208,8 +215,8 @@ class Refcounts:
             self.free_index = first + count
             return first
 
-    def free(self, cluster: int, count: int = 1) -> None:
-        self.change(cluster, count, -1)
+    def free(self, cluster: int, count: int = 1, discard: bool = False) -> None:
+        self.change(cluster, count, -1, discard)
 
     def _create_block(self, index: int) -> None:
         """Create refcount block ``index``; it describes itself when it lies in its own range."""

@@ -202,8 +202,12 @@ class Qcow2Writer:
         esize = self.img.l2_entry_size
         os.pwrite(self.fd, table.pack(first, count), l2_offset + first * esize)
 
-    def _free_any(self, entry: int) -> None:
-        """Drop the reference an old L2 entry held (QEMU's qcow2_free_any_cluster)."""
+    def _free_any(self, entry: int, discard: bool = False) -> None:
+        """Drop the reference an old L2 entry held (QEMU's qcow2_free_any_cluster).
+
+        ``discard`` (a guest discard or unmapping zero write): clusters nobody
+        uses any more are punched out of the file, the data file included.
+        """
         img = self.img
         ctype = img._cluster_type(entry)
         if ctype == COMPRESSED:
@@ -211,9 +215,14 @@ class Qcow2Writer:
             nb_sectors = ((entry >> img._csize_shift) & img._csize_mask) + 1
             end = coffset + nb_sectors * 512 - (coffset & 511)
             first = coffset >> img.cluster_bits
-            self.refs.free(first, ((end - 1) >> img.cluster_bits) - first + 1)
-        elif ctype in (NORMAL, ZERO_ALLOC) and img.data_file is None and entry & L.L2E_OFFSET_MASK:
-            self.refs.free((entry & L.L2E_OFFSET_MASK) >> img.cluster_bits)
+            self.refs.free(first, ((end - 1) >> img.cluster_bits) - first + 1, discard)
+        elif ctype in (NORMAL, ZERO_ALLOC):
+            host = entry & L.L2E_OFFSET_MASK
+            if img.data_file is not None:
+                if discard:
+                    img.data_file.trim(host, img.cluster_size)
+            elif host:
+                self.refs.free(host >> img.cluster_bits, 1, discard)
 
     def _needs_new_alloc(self, entry: int) -> bool:
         ctype = self.img._cluster_type(entry)
@@ -536,7 +545,7 @@ class Qcow2Writer:
         if lo is not None:
             self._store_l2(l2_offset, table, lo, hi - lo + 1)
         for entry in freed:
-            self._free_any(entry)
+            self._free_any(entry, discard=True)
         return nb_clusters
 
     def _zero_subclusters(self, offset: int, count: int) -> bool:
@@ -618,7 +627,7 @@ class Qcow2Writer:
         if lo is not None:
             self._store_l2(l2_offset, table, lo, hi - lo + 1)
         for entry in freed:
-            self._free_any(entry)
+            self._free_any(entry, discard=True)
         return nb_clusters
 
     # -- durability --------------------------------------------------------------------
