@@ -42,6 +42,33 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_size(text: str) -> int:
+    """qemu-img style sizes: plain bytes or a k/M/G/T/P/E suffix (powers of 1024)."""
+    units = "kmgtpe"
+    text = text.strip()
+    if text and text[-1].lower() in units:
+        return int(float(text[:-1]) * (1024 ** (units.index(text[-1].lower()) + 1)))
+    return int(text)
+
+
+def _cmd_resize(args: argparse.Namespace) -> int:
+    from . import open_disk
+
+    disk = open_disk(args.image, args.format, read_only=False)
+    try:
+        text = args.size
+        if text[0] in "+-":
+            delta = parse_size(text[1:])
+            size = disk.size + delta if text[0] == "+" else disk.size - delta
+        else:
+            size = parse_size(text)
+        disk.resize(size)
+    finally:
+        disk.close()
+    print("Image resized.")
+    return 0
+
+
 def _close_chain(layer) -> None:
     while layer is not None:
         layer.close()
@@ -62,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--backing-chain", action="store_true", help="describe every image of the chain")
     i.add_argument("image")
     i.set_defaults(func=_cmd_info)
+    r = sub.add_parser("resize", help="grow an image, or shrink it when nothing allocated is cut off")
+    r.add_argument("-f", "--format", choices=("qcow2", "raw"))
+    r.add_argument("image")
+    r.add_argument("size", help="new size, or +SIZE / -SIZE")
+    r.set_defaults(func=_cmd_resize)
     return p
 
 
@@ -70,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ImageError, OSError, ValueError) as e:
-        print(f"qcow2: {e}", file=sys.stderr)
+        message = e.strerror if isinstance(e, OSError) and e.strerror and not e.filename else e
+        print(f"qcow2: {message}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return 1

@@ -64,6 +64,9 @@ class ChainDisk:
         if fua:
             self.flush()
 
+    def resize(self, size: int) -> None:
+        self._writer().resize(size)
+
     def flush(self) -> None:
         if not self._read_only:
             self.top.flush()

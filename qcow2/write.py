@@ -650,3 +650,55 @@ class Qcow2Writer:
             self.refs.lazy = False
         else:
             self.flush()
+
+    # -- resize ------------------------------------------------------------------------
+
+    def resize(self, new_size: int) -> None:
+        """Grow (moving the L1 table when too small) or shrink when nothing allocated is cut off.
+
+        Growing over a longer backing file zeroes the new area, as QEMU does, so
+        the old backing bytes past the old end do not show through.
+        """
+        self._begin_update()
+        img = self.img
+        old_size = img.size
+        new_size = _round_up(new_size, 512)
+        offset = new_size
+        while offset < old_size:
+            stype, n, _ = img.lookup(offset, old_size - offset)
+            if stype not in (UNALLOC_PLAIN, ZERO_PLAIN):
+                raise OSError(errno.EINVAL, f"shrinking would cut off allocated data at offset {offset}")
+            offset += n
+        first_gone = _round_up(new_size, img.cluster_size)
+        if first_gone < old_size:
+            self._discard(first_gone, old_size - first_gone, full=True)
+        need = -(-new_size // (img.cluster_size * img.l2_entries))
+        if need > len(img.l1):
+            self._grow_l1(need)
+        self._write_header(HDR_SIZE, struct.pack(">Q", new_size))
+        img.header.size = img.size = new_size
+        if new_size > old_size and img.backing is not None and img.backing.size > old_size:
+            zero_start = _round_up(old_size, img.subcluster_size)
+            if new_size > zero_start:
+                self._zeroize(zero_start, new_size - zero_start, False, False)
+            if zero_start > old_size:
+                self.write(old_size, bytes(min(zero_start, new_size) - old_size))
+        self.flush()
+
+    def _grow_l1(self, entries: int) -> None:
+        """Copy the L1 table to a bigger place, switch the header to it, free the old one."""
+        img = self.img
+        h = img.header
+        cs, cbits = img.cluster_size, img.cluster_bits
+        clusters = -(-entries * 8 // cs)
+        new = self.refs.alloc(clusters) << cbits
+        table = img.l1 + [0] * (entries - len(img.l1))
+        raw = struct.pack(f">{entries}Q", *table)
+        img.file.write(new, raw + bytes(clusters * cs - len(raw)))
+        img.file.flush()
+        old, old_clusters = h.l1_table_offset, -(-len(img.l1) * 8 // cs)
+        self._write_header(HDR_L1, struct.pack(">IQ", entries, new))
+        h.l1_size, h.l1_table_offset = entries, new
+        img.l1 = table
+        if old and old_clusters:
+            self.refs.free(old >> cbits, old_clusters)
