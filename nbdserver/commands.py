@@ -19,6 +19,7 @@ from .handshake import Negotiated
 from .requests import Request
 
 log = logging.getLogger("nbdserver")
+_DF, _REQ_ONE = int(CmdFlag.DF), int(CmdFlag.REQ_ONE)
 
 Buffers = list[bytes | memoryview]
 Handler = Callable[[Export, Request, Negotiated, "memoryview | None"], Buffers]
@@ -66,7 +67,7 @@ def do_read(export: Export, req: Request, state: Negotiated, payload: memoryview
     buf = bytearray(length)
     view = memoryview(buf)
     disk = export.disk
-    if not structured or req.flags & CmdFlag.DF:
+    if not structured or req.flags & _DF:
         disk.readinto(offset, view)
         if structured:
             return [wire.data_chunk_header(cookie, offset, length, done=True), view]
@@ -88,7 +89,7 @@ def do_read(export: Export, req: Request, state: Negotiated, payload: memoryview
 def do_block_status(export: Export, req: Request, state: Negotiated, payload: memoryview | None) -> Buffers:
     mappers = [CONTEXTS[name] for _, name in state.contexts]
     extents = export.disk.extents(req.offset, req.length)
-    per_context = block_status(extents, req.length, mappers, req_one=bool(req.flags & CmdFlag.REQ_ONE))
+    per_context = block_status(extents, req.length, mappers, req_one=bool(req.flags & _REQ_ONE))
     if any(not d for d in per_context):
         return error_reply(req, True, Err.EIO, "the disk returned no extents")
     last = len(per_context) - 1

@@ -31,7 +31,6 @@ from .constants import (
     Info,
     Opt,
     Rep,
-    TFlag,
     opt_name,
 )
 from .export import Export, list_contexts, select_contexts
@@ -50,7 +49,7 @@ class Negotiated:
     export: Export
     structured: bool
     contexts: list[tuple[int, str]]  # (id, name) of the selected meta contexts
-    transmission_flags: TFlag
+    transmission_flags: int  # TFlag bits, kept a plain int for the per-request checks
 
 
 class Step(NamedTuple):
@@ -170,7 +169,7 @@ class Handshake:
         if self._meta_export != export.name:
             self.contexts = []  # the selection was made for another export
         return Negotiated(
-            export, self.structured, list(self.contexts), export.transmission_flags(self.structured)
+            export, self.structured, list(self.contexts), int(export.transmission_flags(self.structured))
         )
 
     # --- options ------------------------------------------------------------

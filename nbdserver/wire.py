@@ -129,6 +129,9 @@ ERROR_CHUNK = struct.Struct(">IHHQIIH")  # CHUNK + error + message length; the m
 STATUS_CHUNK = struct.Struct(">IHHQII")  # CHUNK + context id; the descriptors follow
 
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
+# Plain ints for the hot path (enum member access costs more than the packing).
+_NONE, _DATA, _HOLE = int(Chunk.NONE), int(Chunk.OFFSET_DATA), int(Chunk.OFFSET_HOLE)
+_STATUS, _ERROR = int(Chunk.BLOCK_STATUS), int(Chunk.ERROR)
 
 
 def simple_reply(cookie: int, error: int = 0) -> bytes:
@@ -136,26 +139,24 @@ def simple_reply(cookie: int, error: int = 0) -> bytes:
 
 
 def none_chunk(cookie: int) -> bytes:
-    return CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Chunk.NONE, cookie, 0)
+    return CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, _NONE, cookie, 0)
 
 
 def data_chunk_header(cookie: int, offset: int, length: int, done: bool) -> bytes:
     """Header of an OFFSET_DATA chunk; the caller sends ``length`` data bytes after it."""
     flags = REPLY_FLAG_DONE if done else 0
-    return DATA_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, Chunk.OFFSET_DATA, cookie, 8 + length, offset)
+    return DATA_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, _DATA, cookie, 8 + length, offset)
 
 
 def hole_chunk(cookie: int, offset: int, length: int, done: bool) -> bytes:
     flags = REPLY_FLAG_DONE if done else 0
-    return HOLE_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, Chunk.OFFSET_HOLE, cookie, 12, offset, length)
+    return HOLE_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, _HOLE, cookie, 12, offset, length)
 
 
 def error_chunk(cookie: int, error: int, message: str = "", done: bool = True) -> bytes:
     text = message.encode("utf-8")[:4096]
     flags = REPLY_FLAG_DONE if done else 0
-    header = ERROR_CHUNK.pack(
-        STRUCTURED_REPLY_MAGIC, flags, Chunk.ERROR, cookie, 6 + len(text), error, len(text)
-    )
+    header = ERROR_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, _ERROR, cookie, 6 + len(text), error, len(text))
     return header + text
 
 
@@ -169,6 +170,6 @@ def block_status_chunk(cookie: int, context_id: int, extents: Sequence[tuple[int
         flat.byteswap()
     flags = REPLY_FLAG_DONE if done else 0
     header = STATUS_CHUNK.pack(
-        STRUCTURED_REPLY_MAGIC, flags, Chunk.BLOCK_STATUS, cookie, 4 + 8 * len(extents), context_id
+        STRUCTURED_REPLY_MAGIC, flags, _STATUS, cookie, 4 + 8 * len(extents), context_id
     )
     return header + flat.tobytes()
