@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="serve at most N clients at once (default 0: unlimited)",
     )
+    p.add_argument(
+        "-t",
+        "--persistent",
+        action="store_true",
+        help="accepted for qemu-nbd compatibility: the server always outlives its clients",
+    )
     p.add_argument("--pid-file", metavar="PATH", help="write the server's pid here once it listens")
     p.add_argument("--fork", action="store_true", help="run in the background once listening")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeat for debug)")
@@ -175,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"qcow2-nbd: {e}", file=sys.stderr)
             return 1
-        where = args.socket or listener.getsockname()
+        if args.socket:
+            where = args.socket
+        else:
+            host, port = listener.getsockname()[:2]
+            where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         log.info("serving %s (%d bytes) as %r on %s", args.image, export.size, export.name, where)
         if ready_fd >= 0:
             os.write(ready_fd, b"\0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import socket
@@ -24,12 +25,12 @@ def image(tmp_path_factory) -> Path:
     return make_raw_image(tmp_path_factory.mktemp("cli") / "disk.raw", "16M", ("write -P 0x42 0 16M",))
 
 
-def start_foreground(*args: str) -> subprocess.Popen:
-    """Start without --fork; returns once the server logged that it listens."""
+def start_foreground(*args: str) -> tuple[subprocess.Popen, str]:
+    """Start without --fork; returns once the server logged that it listens (and that log line)."""
     p = subprocess.Popen([*SERVER, "-v", *args], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in p.stderr:
         if "serving" in line:
-            return p
+            return p, line
     p.wait()
     pytest.fail(f"server exited with {p.returncode} before listening")
 
@@ -46,7 +47,7 @@ def test_fork_returns_once_listening_and_sigterm_cleans_up(image, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_exits_0_and_removes_files(image, tmp_path, sig):
     sock, pidfile = tmp_path / "s.sock", tmp_path / "s.pid"
-    p = start_foreground("--pid-file", str(pidfile), "-k", str(sock), str(image))
+    p, _ = start_foreground("--pid-file", str(pidfile), "-k", str(sock), str(image))
     assert int(pidfile.read_text()) == p.pid
     h = nbd.NBD()
     h.connect_uri(f"nbd+unix:///?socket={sock}")
@@ -59,7 +60,7 @@ def test_signal_exits_0_and_removes_files(image, tmp_path, sig):
 
 def test_sigterm_lets_requests_in_flight_finish(image, tmp_path):
     sock = tmp_path / "s.sock"
-    p = start_foreground("-k", str(sock), str(image))
+    p, _ = start_foreground("-k", str(sock), str(image))
     with RawClient(sock) as c:
         c.go()
         for cookie in range(8):
@@ -105,10 +106,8 @@ def test_bad_socket_path_fails_cleanly(image, tmp_path):
 
 
 def test_tcp_listener(image, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    p = start_foreground("-b", "127.0.0.1", "-p", str(port), "-x", "tcp", str(image))
+    p, line = start_foreground("-b", "127.0.0.1", "-p", "0", "-x", "tcp", str(image))
+    port = int(re.search(r" on 127\.0\.0\.1:(\d+)$", line.strip()).group(1))
     try:
         out = run("nbdinfo", "--size", f"nbd://127.0.0.1:{port}/tcp")
         assert int(out) == 16 * MiB
