@@ -1,4 +1,4 @@
-"""The ``qcow2`` command line: ``map`` and ``info``."""
+"""The ``qcow2`` command line: ``map``, ``info`` and ``check``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import open_layer
+from . import open_layer, probe_format
 from .errors import ImageError
 from .qemu_map import format_human, format_json, map_entries
 
@@ -69,6 +69,23 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .check import FIX_ERRORS, FIX_LEAKS, run_check_command
+
+    if (args.format or probe_format(args.image)) != "qcow2":
+        print("qcow2: This image format does not support checks", file=sys.stderr)
+        return 63
+    fix = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}[args.repair]
+    return run_check_command(
+        args.image,
+        fix,
+        args.output,
+        out=sys.stdout.write,
+        err=lambda line: print(line, file=sys.stderr, flush=True),
+        quiet=args.quiet,
+    )
+
+
 def _close_chain(layer) -> None:
     while layer is not None:
         layer.close()
@@ -89,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--backing-chain", action="store_true", help="describe every image of the chain")
     i.add_argument("image")
     i.set_defaults(func=_cmd_info)
+    c = sub.add_parser("check", help="check (and repair) the refcounts and metadata, like qemu-img check")
+    c.add_argument("-r", dest="repair", choices=("leaks", "all"), help="repair leaks, or everything")
+    c.add_argument("--output", choices=("human", "json"), default="human")
+    c.add_argument("-f", "--format", choices=("qcow2", "raw"))
+    c.add_argument("-q", "--quiet", action="store_true", help="no summary (human output)")
+    c.add_argument("image")
+    c.set_defaults(func=_cmd_check)
     r = sub.add_parser("resize", help="grow an image, or shrink it when nothing allocated is cut off")
     r.add_argument("-f", "--format", choices=("qcow2", "raw"))
     r.add_argument("image")
