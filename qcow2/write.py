@@ -81,7 +81,18 @@ class Qcow2Writer:
         )
         self.dirty_marked = False
         if h.dirty:
-            raise CorruptImageError(f"{img.filename}: dirty bit set; the refcounts need a repair first")
+            from .check import repair_dirty_image
+
+            # QEMU's open of a dirty image: check -r all, then trust the (new) refcounts.
+            repair_dirty_image(img)
+            self.refs = Refcounts(
+                img.file,
+                h.cluster_bits,
+                h.refcount_order,
+                h.refcount_table_offset,
+                h.refcount_table_clusters,
+                on_table_moved=self._reftable_moved,
+            )
         self._clear_autoclear()
         self._refblocks: tuple[int, set[int]] = (-1, set())
         self._l2_clusters = {
