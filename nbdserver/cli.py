@@ -106,10 +106,13 @@ def listen(args: argparse.Namespace) -> socket.socket:
 
 
 def new_event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop when it imports (faster transports), the standard loop otherwise."""
     try:
         import uvloop
     except ImportError:
+        log.info("event loop: asyncio")
         return asyncio.new_event_loop
+    log.info("event loop: uvloop")
     return uvloop.new_event_loop
 
 

@@ -148,3 +148,33 @@ def test_serves_again_after_a_client_leaves(image, tmp_path):
         assert s.alive()
     finally:
         s.stop()
+
+
+def test_plain_asyncio_without_uvloop(image, tmp_path):
+    """uvloop is optional: the same server runs on the standard event loop."""
+    code = "import sys; sys.modules['uvloop'] = None; from nbdserver.cli import main; sys.exit(main())"
+    sock, pidfile = tmp_path / "s.sock", tmp_path / "s.pid"
+    p = subprocess.run(
+        [sys.executable, "-c", code, "-v", "--fork", "--pid-file", str(pidfile), "-k", str(sock), str(image)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "log", "w"),
+        timeout=30,
+    )
+    assert p.returncode == 0
+    pid = int(pidfile.read_text())
+    try:
+        h = nbd.NBD()
+        h.add_meta_context("base:allocation")
+        h.connect_uri(f"nbd+unix:///?socket={sock}")
+        bufs = [nbd.Buffer(MiB) for _ in range(16)]
+        for i, b in enumerate(bufs):
+            h.aio_pread(b, i * MiB)
+        while h.aio_in_flight():
+            h.poll(-1)
+        assert all(b.to_bytearray() == b"\x42" * MiB for b in bufs)
+        h.shutdown()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        assert wait_pid_exit(pid)
+    assert not sock.exists()
