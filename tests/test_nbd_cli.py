@@ -154,13 +154,20 @@ def test_plain_asyncio_without_uvloop(image, tmp_path):
     """uvloop is optional: the same server runs on the standard event loop."""
     code = "import sys; sys.modules['uvloop'] = None; from nbdserver.cli import main; sys.exit(main())"
     sock, pidfile = tmp_path / "s.sock", tmp_path / "s.pid"
-    p = subprocess.run(
-        [sys.executable, "-c", code, "-v", "--fork", "--pid-file", str(pidfile), "-k", str(sock), str(image)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "log", "w"),
-        timeout=30,
-    )
+    argv = [
+        sys.executable,
+        "-c",
+        code,
+        "-v",
+        "--fork",
+        "--pid-file",
+        str(pidfile),
+        "-k",
+        str(sock),
+        str(image),
+    ]
+    with open(tmp_path / "log", "w") as log:
+        p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, timeout=30)
     assert p.returncode == 0
     pid = int(pidfile.read_text())
     try:
@@ -178,3 +185,4 @@ def test_plain_asyncio_without_uvloop(image, tmp_path):
         os.kill(pid, signal.SIGTERM)
         assert wait_pid_exit(pid)
     assert not sock.exists()
+    assert "event loop: asyncio" in (tmp_path / "log").read_text()
