@@ -20,12 +20,14 @@ VENV=${VENV:-$ROOT/.venv}
 # What the server, the demo, the examples, the benchmark and the tests use:
 #   qemu-utils      qemu-img / qemu-io / qemu-nbd (build test images, reference answers)
 #   libnbd-bin      nbdinfo, nbdcopy, nbdsh (clients)
+#   file            nbdinfo runs file(1) for its "content" line; without it
+#                   nbdinfo 1.14 prints garbage there
 #   python3-libnbd  the libnbd Python binding (`import nbd`, for tests and examples)
 #   python3-venv    the venv module, with pip for it
 #   fio             the benchmark's random-read load (nbd engine)
 #   util-linux      fallocate (test images with punched holes)
 #   ca-certificates pip talks HTTPS to PyPI
-APT_PACKAGES=(qemu-utils libnbd-bin python3-libnbd python3-venv fio util-linux ca-certificates)
+APT_PACKAGES=(qemu-utils libnbd-bin file python3-libnbd python3-venv fio util-linux ca-certificates)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
