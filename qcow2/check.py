@@ -149,6 +149,8 @@ class _Checker:
         self.imrt: list[int] = []
         self.rebuild = False
         self.file_len = 0
+        self.corruption_signaled = False
+        self._decoded: dict[int, list[int] | bytes | None] = {}
 
     # -- image structures ------------------------------------------------------------
 
@@ -196,8 +198,26 @@ class _Checker:
         self.file_len = self.file.size
         return self.file_len
 
+    def _disk_block(self, index: int) -> tuple[list[int] | bytes | None, str | None]:
+        """Refcount block ``index`` from disk, or why it cannot be read (QEMU's get_refcount)."""
+        table = self.disk.table
+        offset = table[index] & L.REFT_OFFSET_MASK if index < len(table) else 0
+        if offset & (self.cs - 1):
+            self._signal_corruption(f"Refblock offset {offset:#x} unaligned (reftable index: {index:#x})")
+            return None, os.strerror(errno.EIO)
+        if index not in self._decoded:
+            try:
+                self._decoded[index] = self.disk.decoded(index)
+            except OSError as e:
+                return None, os.strerror(e.errno or errno.EIO)
+        return self._decoded[index], None
+
     def _on_disk(self, cluster: int) -> int:
-        return self.disk.get(cluster)
+        """One on-disk refcount; OSError where QEMU's qcow2_get_refcount fails."""
+        block, failure = self._disk_block(cluster // self.per_block)
+        if failure is not None:
+            raise OSError(errno.EIO, failure)
+        return block[cluster % self.per_block] if block is not None else 0
 
     # -- the in-memory refcount table ---------------------------------------------------
 
@@ -377,7 +397,7 @@ class _Checker:
             table.set(index, L.QCOW_OFLAG_ZERO)
         esize = self.img.l2_entry_size
         where = l2_offset + index * esize
-        if self._overlaps(where, esize, ignore="active L2" if active else "inactive L2"):
+        if self._overlap_check(where, esize, ignore="active L2" if active else "inactive L2"):
             self.report("ERROR: Overlap check failed")
             res.check_errors += 1
             raise CheckFailed(errno.EIO)
@@ -475,11 +495,7 @@ class _Checker:
         for i, reference in enumerate(self.imrt):
             if i // per != block_index:
                 block_index = i // per
-                try:
-                    block = self.disk.decoded(block_index)
-                    failure = None
-                except OSError as e:
-                    block, failure = None, os.strerror(e.errno or errno.EIO)
+                block, failure = self._disk_block(block_index)
             if failure is not None:
                 self.report(f"Can't get refcount for cluster {i}: {failure}")
                 res.check_errors += 1
@@ -508,6 +524,7 @@ class _Checker:
             else:
                 res.leaks += 1
         # Raise before lowering: a crash in between leaves leaks, never a refcount below its users.
+        self._decoded.clear()
         for i, delta in raises:
             self.disk.change(i, 1, delta)
             res.corruptions_fixed += 1
@@ -588,9 +605,8 @@ class _Checker:
                     grown = True
                 block_offset = block_cluster << self.cbits
                 reftable[index] = block_offset
-            what = self._overlaps(block_offset, cs)
-            if what:
-                self.report(f"ERROR writing refblock: overlaps with {what}")
+            if self._overlap_check(block_offset, cs):
+                self.report("qcow2: ERROR writing refblock: Input/output error")
                 raise CheckFailed(errno.EIO)
             os.pwrite(self.file.fd, self._encode_block(index), block_offset)
             cluster = start + per
@@ -620,6 +636,7 @@ class _Checker:
         self.header.refcount_table_clusters = table_clusters
         self.file.refresh_size()
         self.disk = self._disk_refcounts()
+        self._decoded.clear()
 
     # -- COPIED flags --------------------------------------------------------------------
 
@@ -678,8 +695,7 @@ class _Checker:
                         table.entries[j] = entry | flag if refcount == 1 else entry & ~flag
                         dirty += 1
             if dirty:
-                what = self._overlaps(l2_offset, cs, ignore="active L2")
-                if what:
+                if self._overlap_check(l2_offset, cs, ignore="active L2"):
                     self.report(
                         "ERROR: Could not write L2 table; metadata overlap check failed: Input/output error"
                     )
@@ -703,16 +719,41 @@ class _Checker:
         os.pwrite(self.file.fd, data, offset)
         os.fsync(self.file.fd)
 
+    def _overlap_check(self, offset: int, length: int, ignore: str = "") -> bool:
+        """QEMU's qcow2_pre_write_overlap_check: a hit marks the image corrupt (even in a check)."""
+        what = self._overlaps(offset, length, ignore)
+        if what is None:
+            return False
+        self._signal_corruption(f"Preventing invalid write on metadata (overlaps with {what})")
+        return True
+
+    def _signal_corruption(self, why: str) -> None:
+        """QEMU's qcow2_signal_corruption: fatal (sets the corrupt bit) when the image is writable."""
+        if self.corruption_signaled:
+            return
+        self.corruption_signaled = True
+        h = self.header
+        if not self.fix:
+            self.report(
+                f"qcow2: Image is corrupt: {why}; further non-fatal corruption events will be suppressed"
+            )
+            return
+        self.report(f"qcow2: Marking image as corrupt: {why}; further corruption events will be suppressed")
+        if h.version >= 3:
+            h.incompatible_features |= L.INCOMPAT_CORRUPT
+            self._write_sync(HDR_INCOMPAT, struct.pack(">Q", h.incompatible_features))
+
     def _overlaps(self, offset: int, length: int, ignore: str = "") -> str | None:
         """QEMU's metadata overlap check ("cached" template) against the structures in use."""
-        cs, cbits = self.cs, self.cbits
+        cs = self.cs
         h = self.header
         if offset < cs:
-            return "qcow2 header"
-        first, last = offset >> cbits, (offset + length - 1) >> cbits
+            return "qcow2_header"
+        # the range to test, widened to whole clusters; the metadata ranges as they are
+        lo, hi = offset & ~(cs - 1), -(-(offset + length) // cs) * cs
 
         def hit(start: int, size: int) -> bool:
-            return size > 0 and start >> cbits <= last and (start + size - 1) >> cbits >= first
+            return size > 0 and start < hi and start + size > lo
 
         if hit(h.l1_table_offset, h.l1_size * 8):
             return "active L1 table"
@@ -723,10 +764,10 @@ class _Checker:
         if any(hit(sn.l1_table_offset, sn.l1_size * 8) for sn in self.snapshots):
             return "inactive L1 table"
         if ignore != "active L2" and any(
-            first <= (e & L.L1E_OFFSET_MASK) >> cbits <= last for e in self.l1 if e & L.L1E_OFFSET_MASK
+            hit(e & L.L1E_OFFSET_MASK, cs) for e in self.l1 if e & L.L1E_OFFSET_MASK
         ):
             return "active L2 table"
-        if any(first <= c <= last for c in self.disk.metadata_clusters()):
+        if any(hit(e & L.REFT_OFFSET_MASK, cs) for e in self.disk.table if e & L.REFT_OFFSET_MASK):
             return "refcount block"
         if h.bitmaps and h.autoclear_features & L.AUTOCLEAR_BITMAPS:
             if hit(h.bitmaps["bitmap_directory_offset"], h.bitmaps["bitmap_directory_size"]):
