@@ -38,8 +38,10 @@ class ChainDisk:
     # -- writes -------------------------------------------------------------------
 
     @property
-    def can_trim(self) -> bool:
+    def can_write(self) -> bool:
         return not self._read_only
+
+    can_trim = can_zero = can_fast_zero = can_write
 
     def _writer(self):
         if self._read_only:
