@@ -203,7 +203,9 @@ class _Checker:
         table = self.disk.table
         offset = table[index] & L.REFT_OFFSET_MASK if index < len(table) else 0
         if offset & (self.cs - 1):
-            self._signal_corruption(f"Refblock offset {offset:#x} unaligned (reftable index: {index:#x})")
+            self._signal_corruption(
+                f"Refblock offset {_alt_hex(offset)} unaligned (reftable index: {_alt_hex(index)})"
+            )
             return None, os.strerror(errno.EIO)
         if index not in self._decoded:
             try:
@@ -233,7 +235,7 @@ class _Checker:
         if offset + size - self.file_len >= cs:
             self.report(
                 "ERROR: counting reference for region exceeding the end of the file by one "
-                f"cluster or more: offset {offset:#x} size {size:#x}"
+                f"cluster or more: offset 0x{offset:x} size 0x{size:x}"
             )
             res.corruptions += 1
             return
@@ -242,7 +244,7 @@ class _Checker:
             if k >= len(imrt):
                 self._grow(k + 1)
             if imrt[k] == self.refcount_max:
-                self.report(f"ERROR: overflow cluster offset={k << self.cbits:#x}")
+                self.report(f"ERROR: overflow cluster offset=0x{k << self.cbits:x}")
                 self.report(
                     "Use qemu-img amend to increase the refcount entry width or qemu-img convert "
                     "to create a clean copy if the image cannot be opened for writing"
@@ -266,14 +268,14 @@ class _Checker:
         for sn in self.snapshots:
             if sn.l1_table_offset & (cs - 1):
                 self.report(
-                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: "
+                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={_alt_hex(sn.l1_table_offset)}: "
                     "L1 table is not cluster aligned; snapshot table entry corrupted"
                 )
                 res.corruptions += 1
                 continue
             if sn.l1_size > MAX_L1_ENTRIES:
                 self.report(
-                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={sn.l1_size:#x}: "
+                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={_alt_hex(sn.l1_size)}: "
                     "L1 table is too large; snapshot table entry corrupted"
                 )
                 res.corruptions += 1
@@ -324,19 +326,19 @@ class _Checker:
             if ctype == COMPRESSED:
                 if entry & L.QCOW_OFLAG_COPIED:
                     self.report(
-                        f"ERROR: coffset={entry & img._coffset_mask:#x}: copied flag must never be "
+                        f"ERROR: coffset=0x{entry & img._coffset_mask:x}: copied flag must never be "
                         "set for compressed clusters"
                     )
                     entry &= ~L.QCOW_OFLAG_COPIED
                     res.corruptions += 1
                 if self.has_data_file:
-                    self.report(f"ERROR compressed cluster {i} with data file, entry={entry:#x}")
+                    self.report(f"ERROR compressed cluster {i} with data file, entry=0x{entry:x}")
                     res.corruptions += 1
                     continue
                 if bitmap:
                     self.report(
                         f"ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, "
-                        f"entry={entry:#x}"
+                        f"entry=0x{entry:x}"
                     )
                     res.corruptions += 1
                     continue
@@ -834,6 +836,11 @@ class _Checker:
             os.fsync(self.file.fd)
             self._write_sync(HDR_INCOMPAT, struct.pack(">Q", bits))
             h.incompatible_features = bits
+
+
+def _alt_hex(value: int) -> str:
+    """C's ``%#x``: no 0x prefix for zero."""
+    return f"{value:#x}" if value else "0"
 
 
 def _assign(dst: CheckResult, src: CheckResult) -> None:

@@ -40,7 +40,7 @@ FIX = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
 class Outcome:
     rc: int
     stdout: str
-    findings: list[str]  # stderr lines, minus the tool's own "qemu-img:"/"qcow2:" lines
+    findings: list[str]  # stderr lines, minus the program-name prefix
 
     def json(self) -> dict | None:
         if not self.stdout.strip():
@@ -51,7 +51,8 @@ class Outcome:
 
 
 def _findings(stderr: str) -> list[str]:
-    return [ln for ln in stderr.splitlines() if ln and not ln.startswith(("qemu-img:", "qcow2:"))]
+    """stderr lines, without the program-name prefix ("qemu-img: " / ours "qcow2: ")."""
+    return [ln.removeprefix("qemu-img: ").removeprefix("qcow2: ") for ln in stderr.splitlines() if ln]
 
 
 def run(
