@@ -38,7 +38,9 @@ def case_image(tmp_path_factory: pytest.TempPathFactory, oracle_tools: None):
         if name not in cache:
             rc = Recipe(tmp_path_factory.mktemp("case-" + name[:40]) / "img")
             cache[name] = CASES[name](rc)
-        cache[name].check_premise()
-        return cache[name]
+        img = cache[name]
+        img.check_premise()
+        img.settle()
+        return img
 
     return get
