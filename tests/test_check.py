@@ -231,10 +231,11 @@ def set_refcount(path: Path, cluster: int, value: int) -> None:
 
 
 def create(path: Path, size: int | str, **opts) -> Path:
+    """Run in the image's directory: qemu 7.2 resolves a relative data-file name against the cwd."""
     argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
     if opts:
         argv += ["-o", ",".join(f"{k}={v}" for k, v in opts.items())]
-    run(*argv, path, size)
+    run(*argv, path.name, size, cwd=path.parent)
     return path
 
 
@@ -242,7 +243,7 @@ def io(path: Path, *cmds: str, ok: tuple[int, ...] = (0,)) -> subprocess.Complet
     argv = ["qemu-io", "-f", "qcow2"]
     for c in cmds:
         argv += ["-c", c]
-    return run(*argv, path, ok=ok)
+    return run(*argv, path.name, cwd=path.parent, ok=ok)
 
 
 def crash(path: Path, *cmds: str) -> None:
@@ -577,3 +578,54 @@ def test_cli(tmp_path: Path, src: Path) -> None:
     p = subprocess.run([*cli, str(raw)], capture_output=True, text=True, timeout=60)
     q = run("qemu-img", "check", raw, ok=(63,))
     assert p.returncode == q.returncode == 63
+
+
+# -- more shapes of damage ----------------------------------------------------------
+
+
+def test_refcount_overflow(tmp_path: Path, src: Path) -> None:
+    """1-bit refcounts: a second reference to a cluster overflows the in-memory count."""
+    img = create(src / "x.qcow2", "1M", refcount_bits=1)
+    io(img, "write -P 1 0 128k")
+    set_l2_entry(img, 64 * KiB, l2_entry(img, 0))
+    assert_same_check(tmp_path, src, "x.qcow2")
+
+
+def test_compressed_entry_in_data_file_image(tmp_path: Path, src: Path) -> None:
+    img = create(src / "d.qcow2", "1M", data_file="d.raw")
+    io(img, "write -P 1 0 192k")
+    set_l2_entry(img, 64 * KiB, 0x4000000000050000)
+    assert_same_check(tmp_path, src, "d.qcow2")
+
+
+def test_dirty_compressed_and_zero(tmp_path: Path, src: Path) -> None:
+    img = create(src / "x.qcow2", "2M", lazy_refcounts="on", cluster_size=4096)
+    io(img, "write -c -P 1 0 4k", "write -c -P 2 4k 4k", "write -P 3 64k 64k")
+    crash(img, "write -c -P 4 8k 4k", "write -z 64k 8k", "write -z -u 72k 8k", "write -P 5 1M 12k")
+    assert_same_check(tmp_path, src, "x.qcow2")
+
+
+LUKS = ("--object", "secret,id=sec0,data=abc")
+
+
+def test_luks(tmp_path: Path, src: Path) -> None:
+    """The LUKS header area is refcounted; our check needs no key (metadata is not encrypted)."""
+    img = src / "enc.qcow2"
+    run(
+        "qemu-img", "create", "-q", *LUKS, "-f", "qcow2", "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", img, "1M",
+    )  # fmt: skip
+    opts = f"driver=qcow2,file.filename={img},encrypt.key-secret=sec0"
+    run("qemu-io", *LUKS, "--image-opts", "-c", "write -P 1 0 192k", opts)
+    set_l2_entry(img, 64 * KiB, 0)
+    for mode in MODES:
+        q_img = copy_tree(src, tmp_path / f"q-{mode}") / "enc.qcow2"
+        o_img = copy_tree(src, tmp_path / f"o-{mode}") / "enc.qcow2"
+        argv = ["qemu-img", "check", *LUKS, "--image-opts", "--output=json"] + (["-r", mode] if mode else [])
+        p = subprocess.run(
+            [*argv, f"driver=qcow2,file.filename={q_img},encrypt.key-secret=sec0"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        q = Outcome(p.returncode, p.stdout, _findings(p.stderr))
+        o = our_check(o_img, mode, "json")
+        assert (o.rc, o.json(), o.findings) == (q.rc, q.json(), q.findings), mode
