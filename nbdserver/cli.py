@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("-p", "--port", type=int, metavar="PORT", help=f"TCP port (default {DEFAULT_PORT})")
     p.add_argument("-x", "--export-name", default="", metavar="NAME", help="export name (default: empty)")
     p.add_argument("-D", "--description", default="", metavar="TEXT", help="export description")
-    p.add_argument("-r", "--read-only", action="store_true", help="export read-only")
+    p.add_argument("-r", "--read-only", action="store_true", help="export read-only (default: read-write)")
     p.add_argument("-f", "--format", choices=("qcow2", "raw"), help="image format (default: probe)")
     p.add_argument(
         "-e",
@@ -73,12 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def open_export(args: argparse.Namespace) -> Export:
     try:
-        disk = qcow2.open_disk(args.image, fmt=args.format, read_only=True)
+        disk = qcow2.open_disk(args.image, fmt=args.format, read_only=args.read_only)
     except Exception as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise StartupError(f"cannot open {args.image}: {msg}") from None
-    if not args.read_only:
-        log.warning("writes are not supported yet: exporting %s read-only", args.image)
     return Export(args.export_name, disk, args.description)
 
 
@@ -196,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
             ready_fd = -1
         with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
             runner.run(serve(export, listener, args.shared))
+        # Every request has finished: flush and mark the image clean before
+        # the pid file goes, so "pid file gone" means "image safe to open".
+        disk, export = export.disk, None
+        if not close_disk(disk, args.image):
+            return 1
+        log.info("closed %s", args.image)
         return 0
     finally:
         if ready_fd >= 0:
@@ -205,8 +209,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.socket:
                 with contextlib.suppress(OSError):
                     os.unlink(args.socket)
+        if export is not None:
+            close_disk(export.disk, args.image)
         if pid_written:
             with contextlib.suppress(OSError):
                 os.unlink(args.pid_file)
-        if export is not None:
-            export.disk.close()
+
+
+def close_disk(disk: object, image: str) -> bool:
+    """Flush and close (clears the dirty bit of lazy-refcount images); False if that failed."""
+    try:
+        disk.close()
+    except Exception as e:
+        log.error("closing %s failed: %s", image, e)
+        return False
+    return True

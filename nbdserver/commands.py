@@ -19,7 +19,8 @@ from .handshake import Negotiated
 from .requests import Request
 
 log = logging.getLogger("nbdserver")
-_DF, _REQ_ONE = int(CmdFlag.DF), int(CmdFlag.REQ_ONE)
+_DF, _REQ_ONE, _FUA = int(CmdFlag.DF), int(CmdFlag.REQ_ONE), int(CmdFlag.FUA)
+_NO_HOLE, _FAST_ZERO = int(CmdFlag.NO_HOLE), int(CmdFlag.FAST_ZERO)
 
 Buffers = list[bytes | memoryview]
 Handler = Callable[[Export, Request, Negotiated, "memoryview | None"], Buffers]
@@ -38,6 +39,8 @@ def ok_reply(req: Request, structured: bool) -> Buffers:
     return [wire.simple_reply(req.cookie)]
 
 
+# Host errno -> NBD error; anything else is EIO.  ENOTSUP is not here: only a
+# FAST_ZERO request may answer it (see do_write_zeroes).
 _ERRNO = {
     errno.EPERM: Err.EPERM,
     errno.EACCES: Err.EPERM,
@@ -99,6 +102,50 @@ def do_block_status(export: Export, req: Request, state: Negotiated, payload: me
     ]
 
 
+def do_write(export: Export, req: Request, state: Negotiated, payload: memoryview | None) -> Buffers:
+    """The payload was read by the server into a buffer of the request's size; no copy here."""
+    if req.length:
+        export.disk.write(req.offset, payload, fua=bool(req.flags & _FUA))
+    elif req.flags & _FUA:
+        export.disk.flush()
+    return ok_reply(req, state.structured)
+
+
+def do_write_zeroes(
+    export: Export, req: Request, state: Negotiated, payload: memoryview | None
+) -> Buffers:
+    """NO_HOLE keeps the range allocated; without it holes are allowed (may_unmap).
+
+    FAST_ZERO: the disk raises ENOTSUP, before changing anything, when zeroing
+    would mean writing zero bytes; that (and only that) becomes NBD_ENOTSUP.
+    """
+    fast = bool(req.flags & _FAST_ZERO)
+    if req.length:
+        try:
+            export.disk.write_zeroes(
+                req.offset,
+                req.length,
+                may_unmap=not req.flags & _NO_HOLE,
+                fast=fast,
+                fua=bool(req.flags & _FUA),
+            )
+        except OSError as e:
+            if fast and e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return error_reply(req, state.structured, Err.ENOTSUP, "zeroing this range is not fast")
+            raise
+    elif req.flags & _FUA:
+        export.disk.flush()
+    return ok_reply(req, state.structured)
+
+
+def do_trim(export: Export, req: Request, state: Negotiated, payload: memoryview | None) -> Buffers:
+    if req.length:
+        export.disk.trim(req.offset, req.length, fua=bool(req.flags & _FUA))
+    elif req.flags & _FUA:
+        export.disk.flush()
+    return ok_reply(req, state.structured)
+
+
 def do_flush(export: Export, req: Request, state: Negotiated, payload: memoryview | None) -> Buffers:
     export.disk.flush()
     return ok_reply(req, state.structured)
@@ -114,6 +161,9 @@ def do_cache(export: Export, req: Request, state: Negotiated, payload: memoryvie
 
 HANDLERS: dict[int, Handler] = {
     Cmd.READ: do_read,
+    Cmd.WRITE: do_write,
+    Cmd.WRITE_ZEROES: do_write_zeroes,
+    Cmd.TRIM: do_trim,
     Cmd.FLUSH: do_flush,
     Cmd.CACHE: do_cache,
     Cmd.BLOCK_STATUS: do_block_status,

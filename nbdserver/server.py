@@ -21,6 +21,7 @@ from .constants import Cmd, cmd_name
 from .export import Export
 from .handshake import Handshake, Negotiated, ProtocolError
 from .requests import Request, check, parse_request
+from .stream import Stream
 
 log = logging.getLogger("nbdserver")
 T = TypeVar("T")
@@ -62,10 +63,9 @@ class _ByteBudget:
 class Connection:
     """One client, from greeting to close."""
 
-    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str):
+    def __init__(self, server: Server, stream: Stream, peer: str):
         self.server = server
-        self.reader = reader
-        self.writer = writer
+        self.stream = stream
         self.peer = peer
         self._task: asyncio.Task | None = None
         self._reading: asyncio.Task | None = None
@@ -106,9 +106,9 @@ class Connection:
         finally:
             for task in self._requests:
                 task.cancel()
-            self.writer.close()
+            self.stream.close()
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                await self.writer.wait_closed()
+                await self.stream.wait_closed()
             log.info("%s: closed", self.peer)
 
     def stop(self) -> None:
@@ -120,12 +120,12 @@ class Connection:
 
     async def _handshake(self) -> Negotiated | None:
         hs = Handshake(self.server.exports)
-        self.writer.write(hs.greeting())
+        self.stream.writelines([hs.greeting()])
         while True:
-            step = hs.feed(await self.reader.readexactly(hs.need))
+            step = hs.feed(await self.stream.readexactly(hs.need))
             if step.replies:
-                self.writer.writelines(step.replies)
-                await self.writer.drain()
+                self.stream.writelines(step.replies)
+                await self.stream.drain()
             if step.close:
                 log.info("%s: client aborted the handshake", self.peer)
                 return None
@@ -133,10 +133,10 @@ class Connection:
                 return step.result
 
     async def _read_requests(self, negotiated: Negotiated) -> None:
-        reader = self.reader
+        stream = self.stream
         while True:
             try:
-                header = await reader.readexactly(28)
+                header = await stream.readexactly(28)
             except asyncio.IncompleteReadError as e:
                 if e.partial:
                     raise
@@ -151,26 +151,28 @@ class Connection:
             if error:
                 await self._discard(req.payload_length)
                 log.debug("%s: %s refused: %s", self.peer, cmd_name(req.cmd), message)
-                self.writer.writelines(commands.error_reply(req, negotiated.structured, error, message))
-                await self.writer.drain()
+                self.stream.writelines(commands.error_reply(req, negotiated.structured, error, message))
+                await self.stream.drain()
                 continue
             if self.server.can_run_inline(req):
-                self.writer.writelines(commands.run(negotiated.export, req, negotiated))
-                await self.writer.drain()
+                self.stream.writelines(commands.run(negotiated.export, req, negotiated))
+                await self.stream.drain()
                 continue
             await self._slots.acquire()
             held = await self._bytes.acquire(req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0)
             payload = None
-            if req.payload_length:
-                payload = memoryview(await reader.readexactly(req.payload_length))
+            if req.payload_length:  # received straight into a buffer of the request's size
+                payload = memoryview(bytearray(req.payload_length))
+                await stream.readinto(payload)
             task = asyncio.create_task(self._serve(negotiated, req, payload, held))
             self._requests.add(task)
             task.add_done_callback(self._requests.discard)
 
     async def _discard(self, length: int) -> None:
+        scratch = memoryview(bytearray(min(length, DISCARD_CHUNK)))
         while length:
             n = min(length, DISCARD_CHUNK)
-            await self.reader.readexactly(n)
+            await self.stream.readinto(scratch[:n])
             length -= n
 
     async def _serve(
@@ -180,15 +182,15 @@ class Connection:
             buffers = await self.server.run_in_worker(
                 commands.run, negotiated.export, req, negotiated, payload
             )
-            if self.writer.is_closing():
+            if self.stream.is_closing():
                 return
-            self.writer.writelines(buffers)  # no await between chunks: the reply goes out whole
-            await self.writer.drain()
+            self.stream.writelines(buffers)  # no await between chunks: the reply goes out whole
+            await self.stream.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
         except Exception:
             log.exception("%s: internal error in %s; dropping the client", self.peer, cmd_name(req.cmd))
-            self.writer.close()  # the reply is lost: better a closed connection than a client waiting forever
+            self.stream.close()  # the reply is lost: better a closed connection than a client waiting forever
         finally:
             self._slots.release()
             self._bytes.release(held)
@@ -272,14 +274,15 @@ class Server:
         try:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            reader, writer = await asyncio.open_connection(sock=sock)
+            stream = Stream()
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: stream, sock)
         except Exception as e:
             log.warning("%s: cannot set up the connection: %s", peer, e)
             sock.close()
             self._release_slot()
             return
         log.info("%s: connected", peer)
-        conn = Connection(self, reader, writer, peer)
+        conn = Connection(self, stream, peer)
         self.connections.add(conn)
         try:
             await conn.run()

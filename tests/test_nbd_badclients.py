@@ -22,7 +22,7 @@ OPT_GO = 7
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")
     image = make_raw_image(tmp / "disk.raw", "64M", ("write -P 0x5a 0 1M", "write -P 0xa5 63M 1M"))
-    s = Server(image, tmp / "srv")
+    s = Server(image, tmp / "srv", ("-r",))
     yield s
     s.stop()
 

@@ -1,0 +1,190 @@
+"""One connection's byte stream: reads straight into the caller's buffers.
+
+asyncio's StreamReader hands out fresh ``bytes`` (copied out of a growing
+internal buffer); a WRITE payload would then be copied again into a buffer of
+the request's size.  :class:`Stream` is a :class:`asyncio.BufferedProtocol`:
+small messages (request headers, handshake options) land in a fixed staging
+buffer, and a big payload is received by the kernel directly into the
+request's own buffer (:meth:`Stream.readinto`).  The write side offers what
+the server used from StreamWriter: ``writelines``, ``drain``, ``close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+STAGING_SIZE = 256 * 1024  # bytes buffered ahead of the reader (headers, small payloads)
+DIRECT_MIN = 64 * 1024  # a read still missing this much goes straight into the caller's buffer
+
+
+class Stream(asyncio.BufferedProtocol):
+    """Protocol and reader/writer in one; a single task reads, any task may write."""
+
+    def __init__(self, staging_size: int = STAGING_SIZE) -> None:
+        self._buf = bytearray(staging_size)
+        self._view = memoryview(self._buf)
+        self._start = 0  # unread bytes are _buf[_start:_end]
+        self._end = 0
+        self._target: memoryview | None = None  # the reader's buffer while filled directly
+        self._filled = 0  # bytes received into _target
+        self._waiter: asyncio.Future | None = None
+        self._eof = False
+        self._paused_reading = False
+        self._paused_writing = False
+        self._drainers: collections.deque[asyncio.Future] = collections.deque()
+        self._lost = False
+        self._closed: asyncio.Future | None = None
+        self.transport: asyncio.Transport | None = None
+
+    # --- protocol callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._closed = asyncio.get_running_loop().create_future()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._target is not None:
+            return self._target[self._filled :]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buf):  # move the unread tail to the front
+            n = self._end - self._start
+            self._view[:n] = self._view[self._start : self._end]
+            self._start, self._end = 0, n
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._target is not None:
+            self._filled += nbytes
+            if self._filled == len(self._target):
+                self._target = None
+                self._wake()
+            return
+        self._end += nbytes
+        if self._end - self._start == len(self._buf) and not self._paused_reading:
+            self._paused_reading = True  # the reader is behind: let TCP push back
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return True  # keep the write side open: requests in flight still get their replies
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._lost = True
+        self._wake()
+        while self._drainers:
+            fut = self._drainers.popleft()
+            if not fut.done():
+                fut.set_result(None)
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        while self._drainers:
+            fut = self._drainers.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
+    # --- reading --------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _consumed(self) -> None:
+        if self._paused_reading and self._end - self._start < len(self._buf):
+            self._paused_reading = False
+            if not self._lost:
+                self.transport.resume_reading()
+
+    async def readexactly(self, n: int) -> bytes:
+        """``n`` bytes as ``bytes``; IncompleteReadError if the peer stops sending first."""
+        if n > len(self._buf):
+            buf = bytearray(n)
+            await self.readinto(memoryview(buf))
+            return bytes(buf)
+        while self._end - self._start < n:
+            if self._eof:
+                partial = bytes(self._view[self._start : self._end])
+                self._start = self._end
+                raise asyncio.IncompleteReadError(partial, n)
+            await self._wait()
+        start = self._start
+        data = bytes(self._view[start : start + n])
+        self._start = start + n
+        self._consumed()
+        return data
+
+    async def readinto(self, view: memoryview) -> None:
+        """Fill ``view`` completely; big remainders are received into it without a copy."""
+        n = len(view)
+        pos = 0
+        while True:
+            avail = self._end - self._start
+            if avail:
+                k = min(avail, n - pos)
+                view[pos : pos + k] = self._view[self._start : self._start + k]
+                self._start += k
+                pos += k
+                self._consumed()
+            if pos == n:
+                return
+            if self._eof:
+                raise asyncio.IncompleteReadError(bytes(view[:pos]), n)
+            if n - pos < DIRECT_MIN:
+                await self._wait()
+                continue
+            # The staging buffer is empty: let the transport write into ``view`` itself.
+            self._target, self._filled = view[pos:], 0
+            try:
+                while self._target is not None and not self._eof:
+                    await self._wait()
+            finally:
+                pos += self._filled
+                self._target = None
+
+    # --- writing --------------------------------------------------------------------
+
+    def writelines(self, buffers) -> None:
+        if not self._lost:
+            self.transport.writelines(buffers)
+
+    async def drain(self) -> None:
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+        if not self._paused_writing:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._drainers.append(fut)
+        await fut
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+
+    def is_closing(self) -> bool:
+        return self._lost or self.transport is None or self.transport.is_closing()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def wait_closed(self) -> None:
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
