@@ -340,17 +340,25 @@ def main(argv: list[str] | None = None) -> int:
                 s.stop()
 
     print()
+    print("Medians of the rounds; ± is half the min-max range, relative to the median.")
     print("ratio = our time / qemu-nbd time; for IOPS rows qemu IOPS / our IOPS (time per request).")
     print("Below 1.00: qcow2-nbd is faster.")
     print()
-    head = f"{'test':15} {'qemu-nbd':>16} {'qcow2-nbd':>16} {'ratio':>7}  what"
+    head = f"{'test':15} {'qemu-nbd':>21} {'qcow2-nbd':>21} {'ratio':>6}  what"
     print(head)
     print("-" * len(head))
     for t in tests:
-        med = {}
+        med: dict[str, float | None] = {}
+        cells = {}
         for label in ("qemu", "ours"):
             vals = samples.get((t.name, label))
-            med[label] = statistics.median(vals) if vals and (t.name, label) not in errors else None
+            if not vals or (t.name, label) in errors:
+                med[label] = None
+                cells[label] = "FAILED"
+                continue
+            m = med[label] = statistics.median(vals)
+            spread = (max(vals) - min(vals)) / 2 / m * 100 if m else 0.0
+            cells[label] = f"{fmt_value(t.unit, m)} ±{spread:.0f}%"
         ratio = "-"
         if med["qemu"] and med["ours"]:
             r = med["ours"] / med["qemu"] if t.unit == "s" else med["qemu"] / med["ours"]
@@ -359,8 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         if t.name == "seq read" and med["qemu"] and med["ours"]:
             mib = args.seq_size / (1 << 20)
             extra = f" ({mib / med['qemu']:,.0f} vs {mib / med['ours']:,.0f} MiB/s)"
-        print(f"{t.name:15} {fmt_value(t.unit, med['qemu']):>16} {fmt_value(t.unit, med['ours']):>16} "
-              f"{ratio:>7}  {t.note}{extra}")  # fmt: skip
+        print(f"{t.name:15} {cells['qemu']:>21} {cells['ours']:>21} {ratio:>6}  {t.note}{extra}")
     print()
     checked = [t.name for t in tests if t.name.startswith("map")]
     if checked:
