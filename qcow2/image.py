@@ -5,6 +5,8 @@ from __future__ import annotations
 import operator
 import os
 import struct
+import sys
+from array import array
 from bisect import bisect_left
 from collections import OrderedDict
 from enum import IntEnum
@@ -19,6 +21,7 @@ from .refcount import Refcounts
 from .status import DATA, OFFSET_VALID, RECURSE, ZERO, Status
 
 MAX_CHAIN_DEPTH = 64
+_LITTLE_ENDIAN = sys.byteorder == "little"
 L2_CACHE_BYTES = 32 << 20
 _ZEROS = bytes(1 << 20)
 
@@ -48,18 +51,25 @@ _STATUS_FLAGS = {
 
 
 class L2Table:
-    """One L2 table decoded whole: entries, subcluster bitmaps, and where non-empty entries are."""
+    """One L2 table decoded whole: entries, subcluster bitmaps, and where non-empty entries are.
+
+    Entries live in native ``array('Q')`` (8 bytes each, like the table on
+    disk); ``used`` indexes the non-empty ones so runs of empty entries are
+    skipped without looking at them.
+    """
 
     __slots__ = ("entries", "bitmaps", "used")
 
     def __init__(self, raw: bytes, extended: bool) -> None:
-        words = struct.unpack(f">{len(raw) // 8}Q", raw)
+        words = array("Q", raw)
+        if _LITTLE_ENDIAN:
+            words.byteswap()
         if extended:
-            self.entries = list(words[0::2])
-            self.bitmaps = list(words[1::2])
+            self.entries = words[0::2]
+            self.bitmaps = words[1::2]
             either = map(operator.or_, self.entries, self.bitmaps)
         else:
-            self.entries = list(words)
+            self.entries = words
             self.bitmaps = None
             either = words
         self.used = list(compress(range(len(self.entries)), either))
@@ -78,9 +88,14 @@ class L2Table:
     def pack(self, first: int, count: int) -> bytes:
         """On-disk bytes of entries ``first .. first+count-1``."""
         if self.bitmaps is None:
-            return struct.pack(f">{count}Q", *self.entries[first : first + count])
-        words = [w for i in range(first, first + count) for w in (self.entries[i], self.bitmaps[i])]
-        return struct.pack(f">{2 * count}Q", *words)
+            words = self.entries[first : first + count]
+        else:
+            words = array("Q", bytes(16 * count))
+            words[0::2] = self.entries[first : first + count]
+            words[1::2] = self.bitmaps[first : first + count]
+        if _LITTLE_ENDIAN:
+            words.byteswap()  # a copy: slicing made it
+        return words.tobytes()
 
     def next_used(self, index: int) -> int:
         """Index of the first non-empty entry at or after ``index`` (len if none)."""
@@ -137,6 +152,7 @@ class Qcow2Image:
         self._compressed_cache: tuple[int, bytes] | None = None
         self._metadata_prealloc: bool | None = None
         self.writer = None  # a Qcow2Writer when opened read-write
+        self.pinned_l2: dict[int, L2Table] = {}  # tables with changes not yet on disk
 
     # -- opening -------------------------------------------------------------------
 
@@ -212,6 +228,9 @@ class Qcow2Image:
         table = cache.get(l2_offset)
         if table is not None:
             cache.move_to_end(l2_offset)
+            return table
+        table = self.pinned_l2.get(l2_offset)
+        if table is not None:
             return table
         if l2_offset & (self.cluster_size - 1):
             raise CorruptImageError(f"{self.filename}: L2 table offset {l2_offset:#x} unaligned")

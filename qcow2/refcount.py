@@ -237,6 +237,7 @@ class Refcounts:
                 break
             self._create_block(owner)
         os.pwrite(self.file.fd, blk, cluster << self.cluster_bits)
+        os.fsync(self.file.fd)  # the block is on disk before the table points at it
         self.file.refresh_size()
         self._hook_block(index, cluster << self.cluster_bits)
         self._cache(index, blk)

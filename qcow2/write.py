@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 ALL_ZEROES = 0xFFFFFFFF << 32
 ZERO_CHUNK = 1 << 20
+DIRTY_L2_BYTES = 32 << 20  # write back before more table bytes than this are pending
+MAX_PENDING_FREES = 1 << 16
 
 # Header field offsets (§2.1, §2.2).
 HDR_SIZE = 24
@@ -80,6 +82,12 @@ class Qcow2Writer:
             on_table_moved=self._reftable_moved,
         )
         self.dirty_marked = False
+        # Write-back state: L1/L2 changes reach the file at flush, after the data
+        # and refcounts they depend on are synced; frees wait until after that.
+        self._dirty_l2: dict[int, list[int]] = {}
+        self._dirty_l1: set[int] = set()
+        self._pending_frees: list[tuple[int, bool]] = []
+        self._pending_table_frees: list[int] = []
         if h.dirty:
             from .check import repair_dirty_image
 
@@ -125,12 +133,17 @@ class Qcow2Writer:
         self.img.header.refcount_table_clusters = clusters
 
     def _begin_update(self) -> None:
-        """Before the first metadata change: refuse if corrupt; lazy refcounts mark the image dirty."""
+        """Before the first change: refuse if corrupt; mark a v3 image dirty while we write.
+
+        The dirty bit makes whoever opens the image after a crash rebuild its
+        refcounts (L2 updates not yet written back leave leaks behind).  With
+        lazy refcounts the refcount blocks themselves are also deferred.
+        """
         if self.corrupt:
             raise OSError(errno.EIO, "image is marked corrupt")
-        if self.img.header.lazy_refcounts and not self.dirty_marked:
+        if not self.dirty_marked and self.img.header.version >= 3:
             self._set_incompatible(self.img.header.incompatible_features | L.INCOMPAT_DIRTY)
-            self.refs.lazy = True
+            self.refs.lazy = self.img.header.lazy_refcounts
             self.dirty_marked = True
 
     def _mark_corrupt(self, why: str) -> None:
@@ -190,7 +203,8 @@ class Qcow2Writer:
         new = self.refs.alloc(1) << cbits
         self._check_overlap(new, img.cluster_size)
         if old:
-            raw = img.file.pread(old, img.cluster_size)
+            old_table = img._l2_table(old)
+            raw = old_table.pack(0, len(old_table.entries))
         else:
             raw = bytes(img.cluster_size)
         img.file.write(new, raw)
@@ -201,19 +215,40 @@ class Qcow2Writer:
         if old:
             img._l2_cache.pop(old, None)
             self._l2_clusters.discard(old >> cbits)
-            self.refs.free(old >> cbits)
+            self._pending_table_frees.append(old >> cbits)
         return new, table, l2_index
 
     def _set_l1(self, index: int, value: int) -> None:
-        img = self.img
-        img.l1[index] = value
-        os.pwrite(self.fd, struct.pack(">Q", value), img.header.l1_table_offset + index * 8)
+        self.img.l1[index] = value
+        self._dirty_l1.add(index)
 
     def _store_l2(self, l2_offset: int, table: L2Table, first: int, count: int) -> None:
-        esize = self.img.l2_entry_size
-        os.pwrite(self.fd, table.pack(first, count), l2_offset + first * esize)
+        """Record changed entries; they go to the file at the next write-back."""
+        span = self._dirty_l2.get(l2_offset)
+        if span is None:
+            self._dirty_l2[l2_offset] = [first, first + count]
+            self.img.pinned_l2[l2_offset] = table
+            if len(self._dirty_l2) * self.img.cluster_size > DIRTY_L2_BYTES:
+                self.write_back()
+        else:
+            span[0] = min(span[0], first)
+            span[1] = max(span[1], first + count)
 
     def _free_any(self, entry: int, discard: bool = False) -> None:
+        """Free what an old L2 entry held, once the entry's removal is on disk.
+
+        Data-file clusters are not refcounted and sit at their guest offset:
+        nothing can reuse them, and a later write may land on the same spot,
+        so their discard happens now.
+        """
+        if self.img.data_file is not None:
+            self._release(entry, discard)
+            return
+        self._pending_frees.append((entry, discard))
+        if len(self._pending_frees) > MAX_PENDING_FREES:
+            self.write_back()
+
+    def _release(self, entry: int, discard: bool) -> None:
         """Drop the reference an old L2 entry held (QEMU's qcow2_free_any_cluster).
 
         ``discard`` (a guest discard or unmapping zero write): clusters nobody
@@ -643,24 +678,48 @@ class Qcow2Writer:
 
     # -- durability --------------------------------------------------------------------
 
-    def flush(self) -> None:
+    def write_back(self) -> None:
+        """Sync data and refcounts, then write the pending L2/L1 changes, then free."""
         img = self.img
         if img.data_file is not None:
             img.data_file.flush()
         img.file.flush()
+        if not (self._dirty_l2 or self._dirty_l1 or self._pending_frees or self._pending_table_frees):
+            return
+        esize = img.l2_entry_size
+        for l2_offset, (lo, hi) in sorted(self._dirty_l2.items()):
+            table = img.pinned_l2[l2_offset]
+            os.pwrite(self.fd, table.pack(lo, hi - lo), l2_offset + lo * esize)
+        l1_offset = img.header.l1_table_offset
+        for index in sorted(self._dirty_l1):
+            os.pwrite(self.fd, struct.pack(">Q", img.l1[index]), l1_offset + index * 8)
+        img.file.flush()
+        for l2_offset in self._dirty_l2:
+            table = img.pinned_l2.pop(l2_offset)
+            img._l2_cache.setdefault(l2_offset, table)
+        self._dirty_l2.clear()
+        self._dirty_l1.clear()
+        frees, self._pending_frees = self._pending_frees, []
+        for entry, discard in frees:
+            self._release(entry, discard)
+        tables, self._pending_table_frees = self._pending_table_frees, []
+        for cluster in tables:
+            self.refs.free(cluster)
+
+    def flush(self) -> None:
+        self.write_back()
 
     def close(self) -> None:
-        """Flush; with lazy refcounts write the refcounts back and clear the dirty bit."""
+        """Write everything back, then clear the dirty bit: the image is clean again."""
         if self.corrupt:
             return
+        self.write_back()
         if self.dirty_marked:
             self.refs.write_back()
-            self.flush()
+            self.img.file.flush()
             self._set_incompatible(self.img.header.incompatible_features & ~L.INCOMPAT_DIRTY)
             self.dirty_marked = False
             self.refs.lazy = False
-        else:
-            self.flush()
 
     # -- resize ------------------------------------------------------------------------
 
@@ -671,6 +730,7 @@ class Qcow2Writer:
         the old backing bytes past the old end do not show through.
         """
         self._begin_update()
+        self.write_back()
         img = self.img
         old_size = img.size
         new_size = _round_up(new_size, 512)
@@ -702,6 +762,7 @@ class Qcow2Writer:
         h = img.header
         cs, cbits = img.cluster_size, img.cluster_bits
         clusters = -(-entries * 8 // cs)
+        self.write_back()
         new = self.refs.alloc(clusters) << cbits
         table = img.l1 + [0] * (entries - len(img.l1))
         raw = struct.pack(f">{entries}Q", *table)
