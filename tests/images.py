@@ -73,7 +73,7 @@ class Image:
             self.premise(self)
 
     def settle(self) -> None:
-        self.recipe.settle()
+        self.recipe.settle(sync=False)
 
     @property
     def abspath(self) -> Path:
@@ -87,6 +87,7 @@ class Recipe:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.steps: list[str] = []
+        self._files: list[Path] | None = None
 
     # -- running -------------------------------------------------------
     def run(
@@ -177,7 +178,7 @@ class Recipe:
         self.settle()
         return Image(path=name, cwd=where, fmt=fmt, recipe=self)
 
-    def settle(self) -> None:
+    def settle(self, sync: bool = True) -> None:
         """Flush every file of the recipe and drop it from the page cache.
 
         Holes seen through SEEK_DATA/SEEK_HOLE (which qemu's metadata-preallocation
@@ -186,12 +187,13 @@ class Recipe:
         back or read into the cache.  Settling makes that state the same for every
         test and every tool, whatever ran before.
         """
-        for p in sorted(self.root.rglob("*")):
-            if not p.is_file() or p.is_symlink():
-                continue
+        if self._files is None or sync:
+            self._files = [p for p in sorted(self.root.rglob("*")) if p.is_file() and not p.is_symlink()]
+        for p in self._files:
             fd = os.open(p, os.O_RDONLY)
             try:
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)

@@ -275,17 +275,28 @@ class Comparison:
         return not self.mismatches and not any(s.exit_problem for s in self.servers)
 
 
-def compare_map(image: Image, cmp: Comparison, pool: ThreadPoolExecutor) -> None:
+def _settled_run(image: Image, argv: list[str], cwd: Path) -> Result:
+    """Run one status query on a cold page cache.
+
+    On ext4, SEEK_DATA reports an unwritten extent as a hole only while none of
+    its pages are cached, and block status (raw files, qcow2's metadata-
+    preallocation recursion) is built on SEEK_DATA.  Any read of the image --
+    including kernel readahead behind another tool's metadata reads -- can turn
+    such a "hole" into data.  So status queries run one at a time, each after
+    the image files were flushed and dropped from the cache.
+    """
+    image.settle()
+    return run(argv, cwd)
+
+
+def compare_map(image: Image, cmp: Comparison, pool: ThreadPoolExecutor | None = None) -> None:
     """``qemu-img map`` vs ``python -m qcow2 map``, JSON and human."""
-    jobs = []
     for output in ("json", "human"):
-        ref = ["qemu-img", "map", f"--output={output}", image.path]
-        ours = [PYTHON, "-m", "qcow2", "map", f"--output={output}", image.path]
-        jobs.append(
-            (f"map --output={output}", pool.submit(run, ref, image.cwd), pool.submit(run, ours, image.cwd))
+        ref = _settled_run(image, ["qemu-img", "map", f"--output={output}", image.path], image.cwd)
+        ours = _settled_run(
+            image, [PYTHON, "-m", "qcow2", "map", f"--output={output}", image.path], image.cwd
         )
-    for what, fr, fo in jobs:
-        _compare_text(what, fr.result(), fo.result(), cmp.mismatches, ref_may_fail=True)
+        _compare_text(f"map --output={output}", ref, ours, cmp.mismatches, ref_may_fail=True)
 
 
 def compare_nbd(
@@ -309,19 +320,17 @@ def _nbd_clients(image: Image, workdir: Path, ref: Server, ours: Server, cmp: Co
     def both(argv_fn):
         return pool.submit(run, argv_fn(ref), workdir), pool.submit(run, argv_fn(ours), workdir)
 
+    # Status first, one query at a time on a cold cache (see _settled_run), reads after.
     text_checks = {
-        "nbdinfo --map (base:allocation)": both(lambda s: ["nbdinfo", "--map", s.uri]),
-        "nbdinfo --map=qemu:allocation-depth": both(
-            lambda s: ["nbdinfo", "--map=qemu:allocation-depth", s.uri]
-        ),
-        "qemu-img map over NBD": both(lambda s: ["qemu-img", "map", "-f", "raw", "--output=json", s.uri]),
+        "nbdinfo --map (base:allocation)": lambda s: ["nbdinfo", "--map", s.uri],
+        "nbdinfo --map=qemu:allocation-depth": lambda s: ["nbdinfo", "--map=qemu:allocation-depth", s.uri],
+        "qemu-img map over NBD": lambda s: ["qemu-img", "map", "-f", "raw", "--output=json", s.uri],
     }
-    # Status first, reads after: reading a file can change what SEEK_DATA says about its
-    # unwritten extents (ext4), which feeds block status (raw files, and qcow2's
-    # metadata-preallocation recursion).  nbdinfo --json reads the first sectors.
-    for what, (fr, fo) in text_checks.items():
-        _compare_text(what, fr.result(), fo.result(), cmp.mismatches)
-    info = both(lambda s: ["nbdinfo", "--json", s.uri])
+    for what, argv_fn in text_checks.items():
+        r = _settled_run(image, argv_fn(ref), workdir)
+        o = _settled_run(image, argv_fn(ours), workdir)
+        _compare_text(what, r, o, cmp.mismatches)
+    info = both(lambda s: ["nbdinfo", "--json", s.uri])  # reads the first sectors
     _compare_info(info[0].result(), info[1].result(), cmp.mismatches)
 
     ref_raw, ours_raw, conv_raw = workdir / "qemu-nbd.raw", workdir / "ours.raw", workdir / "convert.raw"
