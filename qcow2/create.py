@@ -72,6 +72,7 @@ class _Write:
 class _Plan:
     writes: list[_Write] = field(default_factory=list)
     file_length: int = 0
+    data_file_length: int = 0
     # (start, end, mode): the file grows here with falloc/full preallocation
     prealloc: list[tuple[int, int, str]] = field(default_factory=list)
 
@@ -381,7 +382,11 @@ class _Allocator:
     # -- qcow2_co_truncate from size 0 -----------------------------------------
 
     def preallocate_metadata(self, size: int) -> int:
-        """preallocate_co: L2 tables and data clusters in order; returns the end of the last data."""
+        """preallocate_co: L2 tables and data clusters in order; returns the end of the last data.
+
+        qemu 7.2 extends the (data) file to the end of the last data cluster,
+        not just to the last guest byte, so the end is rounded up to a cluster.
+        """
         offset, left = 0, size
         host = cur = 0
         chunk = INT_MAX & ~(self.cs - 1)
@@ -392,7 +397,7 @@ class _Allocator:
                 self.link_l2(guest, alloc, nb)
             left -= cur
             offset += cur
-        return host + cur
+        return -(-(host + cur) // self.cs) * self.cs
 
     def preallocate_data_area(self, size: int, mode: str) -> None:
         """The falloc/full path: new refcount area, one contiguous data run, then L2 tables."""
@@ -581,8 +586,7 @@ def validate(
         raise CreateError("Backing format cannot be used without backing file")
     if version < 3 and lazy_refcounts:
         raise CreateError(
-            "Lazy refcounts only supported with compatibility level 1.1 and above "
-            "(use version=v3 or greater)"
+            "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)"
         )
     if refcount_bits <= 0 or refcount_bits > 64 or refcount_bits & (refcount_bits - 1):
         raise CreateError("Refcount width must be a power of two and may not exceed 64 bits")
@@ -609,8 +613,7 @@ def validate(
         )
     if backing_file is not None and len(os.fsencode(backing_file)) > MAX_BACKING_NAME:
         raise CreateError(
-            f"Could not assign backing file '{backing_file}' with format '{backing_format}': "
-            "Invalid argument"
+            f"Could not assign backing file '{backing_file}' with format '{backing_format}': Invalid argument"
         )
     return preallocation
 
@@ -654,7 +657,9 @@ def plan_image(
     a.grow_l1(-(-size // l2_span))
     if preallocation == "metadata" or (preallocation != "off" and data_file is not None):
         end = a.preallocate_metadata(size)
-        if data_file is None and end > a.plan.file_length:
+        if data_file is not None:
+            a.plan.data_file_length = max(size, end)
+        elif end > a.plan.file_length:
             a.plan.file_length = end
     elif preallocation in ("falloc", "full"):
         a.preallocate_data_area(size, preallocation)
@@ -763,9 +768,10 @@ def create_image(
             dfd = _create_file(data_file)
             created.append(data_file)
             try:
+                length = max(size, plan.data_file_length)
                 if preallocation in ("falloc", "full"):
-                    _fill(dfd, 0, size, preallocation)
-                os.ftruncate(dfd, size)
+                    _fill(dfd, 0, length, preallocation)
+                os.ftruncate(dfd, length)
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
