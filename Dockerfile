@@ -5,8 +5,8 @@
 #   nbdinfo nbd://127.0.0.1:10809
 #
 # Arguments after the image name go to qcow2-nbd (paths are relative to
-# /images; backing files must be inside the volume too).  Only the server
-# is installed: no QEMU, no libnbd.
+# /images; backing files must be inside the volume too).  Drop -r and :ro
+# to export read-write.  Only the server is installed: no QEMU, no libnbd.
 FROM python:3.11-slim
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
