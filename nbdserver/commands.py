@@ -111,9 +111,7 @@ def do_write(export: Export, req: Request, state: Negotiated, payload: memoryvie
     return ok_reply(req, state.structured)
 
 
-def do_write_zeroes(
-    export: Export, req: Request, state: Negotiated, payload: memoryview | None
-) -> Buffers:
+def do_write_zeroes(export: Export, req: Request, state: Negotiated, payload: memoryview | None) -> Buffers:
     """NO_HOLE keeps the range allocated; without it holes are allowed (may_unmap).
 
     FAST_ZERO: the disk raises ENOTSUP, before changing anything, when zeroing

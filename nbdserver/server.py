@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from . import commands
-from .constants import Cmd, cmd_name
+from .constants import Cmd, Err, cmd_name
 from .export import Export
 from .handshake import Handshake, Negotiated, ProtocolError
 from .requests import Request, check, parse_request
@@ -33,6 +33,7 @@ INLINE_MAX = 64 * 1024  # reads up to this size run on the event loop, not in a 
 INLINE_COMMANDS = frozenset({Cmd.READ, Cmd.CACHE})
 ACCEPT_RETRY_DELAY = 0.1  # back-off after a failed accept() (e.g. out of file descriptors)
 SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish after SIGTERM
+SHUTDOWN_LINGER = 2.0  # seconds a client gets to hang up after our last reply at shutdown
 
 
 class _ByteBudget:
@@ -72,6 +73,8 @@ class Connection:
         self._requests: set[asyncio.Task] = set()
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._bytes = _ByteBudget(IN_FLIGHT_BYTES)
+        self._stopping = False
+        self._idle = False  # waiting for a request header, no byte of it received yet
 
     async def run(self) -> None:
         self._task = asyncio.current_task()
@@ -90,6 +93,8 @@ class Connection:
                 if not self._reading.cancelled():
                     self._reading.result()
                 await self._finish_requests()
+                if self._stopping:
+                    await self._linger()
         except ProtocolError as e:
             log.warning("%s: %s; dropping the client", self.peer, e)
         except asyncio.IncompleteReadError as e:
@@ -112,11 +117,28 @@ class Connection:
             log.info("%s: closed", self.peer)
 
     def stop(self) -> None:
-        """Server shutdown: read no more requests; those in flight still get answered."""
-        if self._reading is not None:
+        """Server shutdown: start no new request; those received still get answered.
+
+        A request whose header has arrived is read to its end and served;
+        requests already buffered behind it are answered with ESHUTDOWN.
+        """
+        self._stopping = True
+        if self._reading is None:
+            if self._task is not None:
+                self._task.cancel()  # still in the handshake: nothing in flight
+        elif self._idle:
             self._reading.cancel()
-        elif self._task is not None:
-            self._task.cancel()  # still in the handshake: nothing in flight
+
+    async def _linger(self) -> None:
+        """After the last reply: half-close, then wait a little for the client to hang up.
+
+        Closing with unread requests in our receive queue would send a reset,
+        and a reset can destroy replies the client has not read yet.
+        """
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            await self.stream.drain()
+            self.stream.write_eof()
+            await asyncio.wait_for(self.stream.discard_until_eof(), SHUTDOWN_LINGER)
 
     async def _handshake(self) -> Negotiated | None:
         hs = Handshake(self.server.exports)
@@ -135,6 +157,9 @@ class Connection:
     async def _read_requests(self, negotiated: Negotiated) -> None:
         stream = self.stream
         while True:
+            if self._stopping and not stream.buffered:
+                return
+            self._idle = not stream.buffered
             try:
                 header = await stream.readexactly(28)
             except asyncio.IncompleteReadError as e:
@@ -142,7 +167,18 @@ class Connection:
                     raise
                 log.info("%s: client hung up without NBD_CMD_DISC", self.peer)
                 return
+            finally:
+                self._idle = False
             req = parse_request(header)
+            if self._stopping:
+                if req.cmd == Cmd.DISC:
+                    return
+                await self._discard(req.payload_length)
+                self.stream.writelines(
+                    commands.error_reply(req, negotiated.structured, Err.ESHUTDOWN, "server shutting down")
+                )
+                await self.stream.drain()
+                continue
             error, message = check(req, negotiated)
             if req.cmd == Cmd.DISC:
                 if error:

@@ -115,6 +115,20 @@ class Stream(asyncio.BufferedProtocol):
             if not self._lost:
                 self.transport.resume_reading()
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet."""
+        return self._end - self._start
+
+    async def discard_until_eof(self) -> None:
+        """Drop everything the peer sends until it stops sending."""
+        while True:
+            self._start = self._end
+            self._consumed()
+            if self._eof:
+                return
+            await self._wait()
+
     async def readexactly(self, n: int) -> bytes:
         """``n`` bytes as ``bytes``; IncompleteReadError if the peer stops sending first."""
         if n > len(self._buf):
@@ -177,6 +191,11 @@ class Stream(asyncio.BufferedProtocol):
         await fut
         if self._lost:
             raise ConnectionResetError("connection lost")
+
+    def write_eof(self) -> None:
+        """Half-close: the peer reads EOF after our last byte; we can still read."""
+        if not self._lost and self.transport.can_write_eof():
+            self.transport.write_eof()
 
     def is_closing(self) -> bool:
         return self._lost or self.transport is None or self.transport.is_closing()
