@@ -55,6 +55,7 @@ MAX_L1_ENTRIES = (32 << 20) // 8
 MAX_SNAPSHOTS = 65536
 
 _WIDE_FORMATS = {8: "B", 16: "H", 32: "I", 64: "Q"}
+_MISSING = object()
 
 HDR_REFTABLE = 48  # refcount_table_offset (u64) + refcount_table_clusters (u32)
 HDR_INCOMPAT = 72
@@ -314,11 +315,36 @@ class _Checker:
         cs = self.cs
         table = L2Table(self.file.pread(l2_offset, cs), img.extended_l2)
         bitmaps = table.bitmaps
+        entries = table.entries
         frag = active
         next_contiguous = 0
+        # Fast path: a plain, aligned, in-file data cluster (most entries of most tables).
+        slow_bits = L.QCOW_OFLAG_COMPRESSED | L.QCOW_OFLAG_ZERO | L2E_STD_RESERVED_MASK | (cs - 1)
+        imrt, cbits, rmax, file_len = self.imrt, self.cbits, self.refcount_max, self.file_len
+        count_refs = not self.has_data_file
         for i in list(table.used):
-            entry = table.entries[i]
+            entry = entries[i]
             bitmap = bitmaps[i] if bitmaps else 0
+            offset = entry & L.L2E_OFFSET_MASK
+            if (
+                offset
+                and not entry & slow_bits
+                and not (bitmap >> 32) & bitmap
+                and offset < file_len
+                and offset >> cbits < len(imrt)
+            ):
+                if frag:
+                    res.allocated_clusters += 1
+                    if next_contiguous and offset != next_contiguous:
+                        res.fragmented_clusters += 1
+                    next_contiguous = offset + cs
+                if count_refs:
+                    k = offset >> cbits
+                    if imrt[k] < rmax:
+                        imrt[k] += 1
+                    else:
+                        self._inc(res, offset, cs)
+                continue
             ctype = img._cluster_type(entry)
             if ctype != COMPRESSED and entry & L2E_STD_RESERVED_MASK:
                 self.report(f"ERROR found l2 entry with reserved bits set: {entry:x}")
@@ -487,44 +513,66 @@ class _Checker:
 
     # -- comparing with the refcounts on disk -------------------------------------------
 
+    def _compare_one(
+        self,
+        res: CheckResult,
+        fix: int,
+        i: int,
+        refcount: int,
+        reference: int,
+        raises: list[tuple[int, int]],
+        lowers: list[tuple[int, int]],
+    ) -> None:
+        if refcount == reference:
+            return
+        fixing = None
+        if refcount == 0:
+            self.rebuild = True
+        elif refcount > reference and fix & FIX_LEAKS:
+            fixing = lowers
+        elif refcount < reference and fix & FIX_ERRORS:
+            fixing = raises
+        if fixing is not None:
+            word = "Repairing"
+        else:
+            word = "ERROR" if refcount < reference else "Leaked"
+        self.report(f"{word} cluster {i} refcount={refcount} reference={reference}")
+        if fixing is not None:
+            fixing.append((i, reference - refcount))
+        elif refcount < reference:
+            res.corruptions += 1
+        else:
+            res.leaks += 1
+
     def _compare(self, res: CheckResult, fix: int) -> int:
         """QEMU's compare_refcounts; returns the highest cluster in use (either view)."""
         highest = 0
         per = self.per_block
         raises: list[tuple[int, int]] = []
         lowers: list[tuple[int, int]] = []
-        block_index, block = -1, None
-        for i, reference in enumerate(self.imrt):
-            if i // per != block_index:
-                block_index = i // per
-                block, failure = self._disk_block(block_index)
-            if failure is not None:
-                self.report(f"Can't get refcount for cluster {i}: {failure}")
-                res.check_errors += 1
-                continue
-            refcount = block[i % per] if block is not None else 0
-            if refcount or reference:
-                highest = i
-            if refcount == reference:
-                continue
-            fixing = None
-            if refcount == 0:
-                self.rebuild = True
-            elif refcount > reference and fix & FIX_LEAKS:
-                fixing = lowers
-            elif refcount < reference and fix & FIX_ERRORS:
-                fixing = raises
-            if fixing is not None:
-                word = "Repairing"
-            else:
-                word = "ERROR" if refcount < reference else "Leaked"
-            self.report(f"{word} cluster {i} refcount={refcount} reference={reference}")
-            if fixing is not None:
-                fixing.append((i, reference - refcount))
-            elif refcount < reference:
-                res.corruptions += 1
-            else:
-                res.leaks += 1
+        imrt = self.imrt
+        n = len(imrt)
+        for block_index in range(-(-n // per)):
+            first, end = block_index * per, min(n, block_index * per + per)
+            block, failure = self._disk_block(block_index)
+            wanted = imrt[first:end]
+            if failure is None:
+                have = list(block[: end - first]) if block is not None else [0] * (end - first)
+                if have == wanted:  # the usual case: the whole block agrees
+                    last = next((k for k in range(end - first - 1, -1, -1) if wanted[k]), None)
+                    if last is not None:
+                        highest = first + last
+                    continue
+            for i in range(first, end):
+                reference = imrt[i]
+                if failure is not None:
+                    self.report(f"Can't get refcount for cluster {i}: {failure}")
+                    res.check_errors += 1
+                    continue
+                refcount = have[i - first]
+                self._compare_one(res, fix, i, refcount, reference, raises, lowers)
+                if refcount or reference:
+                    highest = i
         # Raise before lowering: a crash in between leaves leaks, never a refcount below its users.
         self._decoded.clear()
         for i, delta in raises:
@@ -653,6 +701,7 @@ class _Checker:
         word = "Repairing" if repair else "ERROR"
         img, cs, cbits = self.img, self.cs, self.cbits
         h = self.header
+        per, decoded = self.per_block, self._decoded
         for i, l1_entry in enumerate(self.l1):
             l2_offset = l1_entry & L.L1E_OFFSET_MASK
             if not l2_offset:
@@ -678,17 +727,23 @@ class _Checker:
                     res.corruptions_fixed += 1
             table = L2Table(self.file.pread(l2_offset, cs), img.extended_l2)
             dirty = 0
+            entries = table.entries
             for j in table.used:
-                entry = table.entries[j]
-                if img._cluster_type(entry) not in (NORMAL, ZERO_ALLOC):
+                entry = entries[j]
+                if entry & L.QCOW_OFLAG_COMPRESSED:
                     continue
+                cluster = (entry & L.L2E_OFFSET_MASK) >> cbits
+                if not cluster and img._cluster_type(entry) != NORMAL:
+                    continue  # unallocated or a plain zero cluster
                 if self.has_data_file:
                     refcount = 1
                 else:
-                    try:
-                        refcount = self._on_disk((entry & L.L2E_OFFSET_MASK) >> cbits)
-                    except OSError:
-                        continue
+                    block = decoded.get(cluster // per, _MISSING)
+                    if block is _MISSING:
+                        block, failure = self._disk_block(cluster // per)
+                        if failure is not None:
+                            continue
+                    refcount = block[cluster % per] if block is not None else 0
                 if (refcount == 1) != bool(entry & L.QCOW_OFLAG_COPIED):
                     res.corruptions += 1
                     self.report(f"{word} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}")
@@ -919,9 +974,11 @@ def run_check_command(
             err(f"qcow2: Check failed: {os.strerror(e.errno)}")
             return 1
         result.corruptions_fixed, result.leaks_fixed = fixed
-    if output == "json":
+    if quiet:
+        pass
+    elif output == "json":
         out(json.dumps(result.to_json(filename), indent=4) + "\n")
-    elif not quiet:
+    else:
         out(format_human(result))
     if result.check_errors:
         err("qcow2: Check failed")
