@@ -147,16 +147,39 @@ class _Allocator:
         if value and index > self.max_used:
             self.max_used = index
 
+    def free_run(self, index: int, limit: int) -> int:
+        """How many of the ``limit`` clusters from ``index`` on are free (stops at a used one)."""
+        count = 0
+        mask = self.rb_size - 1
+        while count < limit:
+            cur = index + count
+            if cur > self.max_used:
+                return limit
+            t = cur >> self.rb_bits
+            end = min(index + limit, (t + 1) << self.rb_bits)
+            offset = self.reftable[t] if t < len(self.reftable) else 0
+            if offset:
+                lo = cur & mask
+                seg = self.blocks[offset][lo : lo + end - cur]
+                zeros = len(seg) - len(seg.lstrip(b"\0"))
+                if zeros < len(seg):
+                    return count + zeros
+            count += end - cur
+        return limit
+
     def alloc_noref(self, nb: int) -> int:
-        """First fit from the free index; a used cluster restarts the count after it."""
-        i = 0
-        while i < nb:
-            if self.free_index > self.max_used:  # nothing allocated from here on
-                self.free_index += nb - i
-                break
+        """First fit from the free index; a used cluster restarts the count after it.
+
+        The free index ends up past the chosen run (and past every used
+        cluster seen), exactly as QEMU's one-cluster-at-a-time scan leaves it.
+        """
+        while True:
             index = self.free_index
-            self.free_index += 1
-            i = 0 if self.get_refcount(index) else i + 1
+            run = self.free_run(index, nb)
+            if run == nb:
+                self.free_index = index + nb
+                break
+            self.free_index = index + run + 1
         if self.free_index - 1 > (MAX_CLUSTER_OFFSET >> self.cb):
             raise ImageTooLarge()
         return (self.free_index - nb) << self.cb
@@ -186,6 +209,9 @@ class _Allocator:
                 if not decrease and block.count(0, lo, hi) == hi - lo:
                     block[lo:hi] = b"\x01" * (hi - lo)  # the common case: fresh clusters
                     self.max_used = max(self.max_used, stop - 1)
+                elif decrease and block.count(1, lo, hi) == hi - lo:
+                    block[lo:hi] = bytes(hi - lo)  # giving back what a retry counted
+                    self.free_index = min(self.free_index, index)
                 else:
                     for i in range(index, stop):
                         value = block[i & mask] + (-1 if decrease else 1)
@@ -279,16 +305,11 @@ class _Allocator:
                 continue
 
     def alloc_clusters_at(self, offset: int, nb: int) -> int:
+        """Claim up to ``nb`` clusters exactly at ``offset``; returns how many were free."""
         if nb == 0:
             return 0
         while True:
-            first = offset >> self.cb
-            free = 0
-            while free < nb and self.get_refcount(first + free) == 0:
-                if first + free > self.max_used:
-                    free = nb
-                    break
-                free += 1
+            free = self.free_run(offset >> self.cb, nb)
             try:
                 self.update_refcount(offset, free << self.cb)
                 return free
@@ -384,8 +405,9 @@ class _Allocator:
     def preallocate_metadata(self, size: int) -> int:
         """preallocate_co: L2 tables and data clusters in order; returns the end of the last data.
 
-        qemu 7.2 extends the (data) file to the end of the last data cluster,
-        not just to the last guest byte, so the end is rounded up to a cluster.
+        qemu 7.2 extends the (data) file to the end of the last data
+        (sub)cluster, not just to the last guest byte, so the end is rounded
+        up to the subcluster size (the cluster size without extended L2).
         """
         offset, left = 0, size
         host = cur = 0
@@ -397,7 +419,8 @@ class _Allocator:
                 self.link_l2(guest, alloc, nb)
             left -= cur
             offset += cur
-        return -(-(host + cur) // self.cs) * self.cs
+        unit = self.cs // EXTL2_SUBCLUSTERS if self.l2_entry == 16 else self.cs
+        return -(-(host + cur) // unit) * unit
 
     def preallocate_data_area(self, size: int, mode: str) -> None:
         """The falloc/full path: new refcount area, one contiguous data run, then L2 tables."""
