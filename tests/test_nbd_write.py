@@ -662,3 +662,41 @@ def test_advertised_flags(tmp_path: Path, read_only):
                     assert answer(c, ck)[0] == EPERM
     finally:
         s.stop()
+
+
+def test_inline_reads_wait_while_a_worker_is_inside_a_write(tmp_path: Path):
+    """A non-thread-safe disk: small reads run on the event loop only while no worker job exists."""
+    import asyncio
+
+    import qcow2
+    from nbdserver.export import Export
+    from nbdserver.requests import Request
+    from nbdserver.server import Server as NbdServer
+
+    img = tmp_path / "disk.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+    disk = qcow2.open_disk(str(img), fmt="qcow2", read_only=False)
+    assert not getattr(disk, "thread_safe", False)
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_write() -> None:
+        inside.set()
+        assert release.wait(10)
+        disk.write(0, b"x" * 512)
+
+    async def scenario() -> None:
+        server = NbdServer({"": Export("", disk)})
+        small_read = Request(0, READ, 1, 0, 4096)
+        assert server.can_run_inline(small_read)
+        job = asyncio.ensure_future(server.run_in_worker(slow_write))
+        await asyncio.get_running_loop().run_in_executor(None, inside.wait)
+        assert not server.can_run_inline(small_read)  # the worker is inside the disk
+        release.set()
+        await job  # the job's end is counted before its result reaches us
+        assert server.can_run_inline(small_read)
+        await server.shutdown()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        disk.close()
