@@ -86,6 +86,26 @@ def _cmd_check(args: argparse.Namespace) -> int:
     )
 
 
+# --- create (qcow2/create.py) ---
+def _cmd_create(args: argparse.Namespace) -> int:
+    from .create import run_create
+
+    run_create(
+        args.image,
+        args.size,
+        fmt=args.format,
+        options=args.options,
+        backing=args.backing,
+        backing_fmt=args.backing_format,
+        unsafe=args.unsafe,
+        quiet=args.quiet,
+    )
+    return 0
+
+
+# --- end create ---
+
+
 def _close_chain(layer) -> None:
     while layer is not None:
         layer.close()
@@ -106,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--backing-chain", action="store_true", help="describe every image of the chain")
     i.add_argument("image")
     i.set_defaults(func=_cmd_info)
+    # --- create (qcow2/create.py) ---
+    c = sub.add_parser("create", help="create a qcow2 (or raw) image the way qemu-img create does")
+    c.add_argument("-f", "--format", default="qcow2", help="qcow2 (default) or raw")
+    c.add_argument("-o", dest="options", action="append", default=[], help="options, e.g. cluster_size=64k")
+    c.add_argument("-b", "--backing", help="backing file (recorded as given)")
+    c.add_argument("-F", "--backing-format", help="backing file format (required with -b)")
+    c.add_argument("-u", "--unsafe", action="store_true", help="do not open the backing file")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.add_argument("image")
+    c.add_argument("size", nargs="?", help="virtual size, with optional k/M/G/T/P/E suffix")
+    c.set_defaults(func=_cmd_create)
+    # --- end create ---
     c = sub.add_parser("check", help="check (and repair) the refcounts and metadata, like qemu-img check")
     c.add_argument("-r", dest="repair", choices=("leaks", "all"), help="repair leaks, or everything")
     c.add_argument("--output", choices=("human", "json"), default="human")

@@ -805,3 +805,261 @@ def create_image(
             except OSError:
                 pass
         raise
+
+
+# -- command line (``qcow2 create``), kept here so cli.py only wires it up ------
+
+_SUFFIXES = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+_BOOL = {
+    "on": True,
+    "yes": True,
+    "true": True,
+    "y": True,
+    "off": False,
+    "no": False,
+    "false": False,
+    "n": False,
+}
+# qemu-img's option order in the "Formatting ..." line
+_PRINT_ORDER = (
+    "encryption",
+    "cluster_size",
+    "extended_l2",
+    "preallocation",
+    "compression_type",
+    "size",
+    "compat",
+    "backing_file",
+    "backing_fmt",
+    "data_file",
+    "data_file_raw",
+    "lazy_refcounts",
+    "refcount_bits",
+)
+_DEFAULTS = {
+    "cluster_size": str(DEFAULT_CLUSTER_SIZE),
+    "extended_l2": "off",
+    "compression_type": "zlib",
+    "lazy_refcounts": "off",
+    "refcount_bits": "16",
+}
+_QCOW2_OPTIONS = set(_PRINT_ORDER) | {"encrypt.format"}
+_RAW_OPTIONS = {"size", "preallocation"}
+_SIZE_HINT = (
+    "You may use k, M, G, T, P or E suffixes for\n"
+    "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+)
+
+
+def parse_size(text: str) -> int | None:
+    """qemu_strtosz: a number with an optional binary suffix (fractions only with one); None if bad."""
+    t = text.strip()
+    unit = t[-1:].lower() if t[-1:].isalpha() else ""
+    num = t[: len(t) - len(unit)]
+    if unit not in _SUFFIXES or not num or num[0] in "+-":
+        return None
+    try:
+        if "." in num:
+            if not _SUFFIXES[unit]:
+                return None
+            whole, _, frac = num.partition(".")
+            if not (whole or frac) or not (whole + frac).isdigit():
+                return None
+            return int(
+                (int(whole or "0") * 10 ** len(frac) + int(frac or "0"))
+                * (1 << _SUFFIXES[unit])
+                // 10 ** len(frac)
+            )
+        return int(num, 10) << _SUFFIXES[unit]
+    except ValueError:
+        return None
+
+
+def parse_option_string(text: str) -> list[tuple[str, str]]:
+    """``-o a=1,b=2``; a doubled comma is a literal comma, as in QEMU's option parser."""
+    items, cur, i = [], [], 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1 : i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(text[i])
+        i += 1
+    items.append("".join(cur))
+    out = []
+    for item in items:
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise CreateError(
+                f"Invalid parameter '{key}'" if key != "help" else "option help is not supported"
+            )
+        out.append((key, value))
+    return out
+
+
+def run_create(
+    filename: str,
+    size_arg: str | None,
+    *,
+    fmt: str = "qcow2",
+    options: list[str] | None = None,
+    backing: str | None = None,
+    backing_fmt: str | None = None,
+    unsafe: bool = False,
+    quiet: bool = False,
+    out: Callable[[str], object] = print,
+) -> None:
+    """``qemu-img create``'s front end: option parsing, backing checks, then :func:`create_image`."""
+    where = f"{filename}: "
+    if fmt not in ("qcow2", "raw"):
+        raise CreateError(where + f"Unknown file format '{fmt}'")
+    opts: dict[str, str] = {}
+    for text in options or []:
+        for key, value in parse_option_string(text):
+            allowed = _QCOW2_OPTIONS if fmt == "qcow2" else _RAW_OPTIONS
+            if key not in allowed:
+                raise CreateError(where + f"Invalid parameter '{key}'")
+            opts[key] = value
+    if "encryption" in opts or "encrypt.format" in opts:
+        raise CreateError(where + "encrypted images are not supported")
+    if backing is not None:
+        opts["backing_file"] = backing
+    if backing_fmt is not None:
+        opts["backing_fmt"] = backing_fmt
+
+    def size_opt(name: str) -> int:
+        value = parse_size(opts[name])
+        if value is None:
+            raise CreateError(
+                where + f"Parameter '{name}' expects a non-negative number below 2^64\n"
+                "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+                "and exabytes, respectively."
+            )
+        return value
+
+    size: int | None = None
+    if size_arg is not None:
+        size = parse_size(size_arg)
+        if size is None:
+            raise CreateError("Invalid image size specified. " + _SIZE_HINT)
+        if size > (1 << 63) - 1:
+            raise CreateError(f"Invalid image size specified. Must be between 0 and {(1 << 63) - 1}.")
+        if "size" in opts:
+            raise CreateError(where + "The image size must be specified only once")
+    elif "size" in opts:
+        size = size_opt("size")
+
+    bfile, bfmt = opts.get("backing_file"), opts.get("backing_fmt")
+    if bfile is not None:
+        if bfile == filename:
+            raise CreateError(
+                where + "Error: Trying to create an image with the same filename as the backing file"
+            )
+        if not bfile:
+            raise CreateError(where + "Expected backing file name, got empty string")
+        if not unsafe:
+            size = _check_backing(where, filename, bfile, bfmt, size)
+        elif bfmt is None:
+            raise CreateError(where + "Backing file specified without backing format")
+    if size is None:
+        raise CreateError(where + "Image creation needs a size parameter")
+    if size_arg is not None or "size" not in opts:
+        opts["size"] = str(size)
+
+    kwargs: dict = {}
+    if fmt == "qcow2":
+        if "cluster_size" in opts:
+            kwargs["cluster_size"] = size_opt("cluster_size")
+            opts["cluster_size"] = str(kwargs["cluster_size"])
+        for name in ("extended_l2", "lazy_refcounts", "data_file_raw"):
+            if name in opts:
+                if opts[name] not in _BOOL:
+                    raise CreateError(where + f"Parameter '{name}' expects 'on' or 'off'")
+                kwargs[name] = _BOOL[opts[name]]
+        if "refcount_bits" in opts:
+            if not opts["refcount_bits"].isdigit():
+                raise CreateError(where + "Parameter 'refcount_bits' expects a number")
+            kwargs["refcount_bits"] = int(opts["refcount_bits"])
+        if "compat" in opts:
+            versions = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+            if opts["compat"] not in versions:
+                raise CreateError(where + f"Parameter 'version' does not accept value '{opts['compat']}'")
+            kwargs["version"] = versions[opts["compat"]]
+        for name in ("compression_type", "preallocation", "data_file"):
+            if name in opts:
+                kwargs[name] = opts[name]
+        kwargs["backing_file"], kwargs["backing_format"] = bfile, bfmt
+    elif "preallocation" in opts:
+        kwargs["preallocation"] = opts["preallocation"]
+    if not quiet:
+        shown = dict(_DEFAULTS) if fmt == "qcow2" else {}
+        shown.update({k: v for k, v in opts.items() if k != "size"})
+        shown["size"] = str(size)
+        line = " ".join(f"{k}={shown[k]}" for k in _PRINT_ORDER if k in shown)
+        out(f"Formatting '{filename}', fmt={fmt} {line}")
+    try:
+        if fmt == "raw":
+            create_raw(filename, size, preallocation=kwargs.get("preallocation", "off"))
+        else:
+            create_image(filename, size, **kwargs)
+    except ImageTooLarge as e:
+        hint = " (try using a larger cluster size)" if "cluster_size" in opts else ""
+        raise CreateError(where + str(e) + hint) from None
+    except CreateError as e:
+        raise CreateError(where + str(e)) from None
+
+
+def _check_backing(where: str, filename: str, bfile: str, bfmt: str | None, size: int | None) -> int | None:
+    """Open the backing image as qemu-img does (relative to the new image); its size if none given."""
+    from . import open_layer, probe_format
+
+    path = bfile
+    if not os.path.isabs(path):
+        path = os.path.join(os.path.dirname(filename), path)
+    try:
+        os.stat(path)
+    except OSError as e:
+        raise CreateError(
+            where + f"Could not open '{path}': {e.strerror}\nCould not open backing image."
+        ) from None
+    try:
+        layer = open_layer(path, bfmt) if bfmt else None
+        detected = probe_format(path) if bfmt is None else None
+    except FileNotFoundError as e:
+        raise CreateError(
+            where + f"Could not open '{path}': {e.strerror}\nCould not open backing image."
+        ) from None
+    except (ImageError, OSError, ValueError) as e:
+        raise CreateError(where + f"{e}\nCould not open backing image.") from None
+    if layer is None:
+        raise CreateError(
+            where + f"Backing file specified without backing format\nDetected format of {detected}."
+        )
+    try:
+        if size is None:
+            size = -(-layer.size // 512) * 512
+    finally:
+        while layer is not None:
+            layer.close()
+            layer = layer.backing
+    return size
+
+
+def create_raw(filename: str, size: int, *, preallocation: str = "off") -> None:
+    """``-f raw``: a sparse file of ``size`` (rounded up to 512), or preallocated."""
+    if preallocation not in ("off", "falloc", "full"):
+        raise CreateError(f"Unsupported preallocation mode '{preallocation}'")
+    size = -(-size // 512) * 512
+    fd = _create_file(filename)
+    try:
+        if preallocation != "off":
+            _fill(fd, 0, size, preallocation)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
