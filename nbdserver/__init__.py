@@ -8,6 +8,8 @@ Layout, protocol apart from I/O:
 - ``requests``: request parsing and the per-command validation table.
 - ``export``: export flags from disk capabilities, meta contexts, extent maths.
 - ``commands``: blocking command handlers returning reply buffers.
-- ``server``: asyncio connections (the only module doing network I/O).
+- ``stream``: a connection's bytes (payloads received straight into request buffers).
+- ``server``: asyncio connections (the only module doing network I/O); disk calls
+  of a non-thread-safe disk are serialised (one worker, inline reads only when idle).
 - ``cli``: the ``qcow2-nbd`` command.
 """
