@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from .device import Disk, Extent
 from .disk import ChainDisk
-from .errors import ImageError
-from .hostfile import HostFile
 
 __all__ = ["Disk", "Extent", "open_disk", "open_layer"]
 
@@ -17,25 +15,31 @@ QCOW2_MAGIC = b"QFI\xfb"
 
 
 def probe_format(filename: str) -> str:
+    from .image import open_host_file
+
+    file = open_host_file(filename)
     try:
-        with open(filename, "rb") as f:
-            return "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"
-    except OSError as e:
-        raise ImageError(f"{filename}: cannot open: {e.strerror}") from None
+        return "qcow2" if file.pread(0, 4) == QCOW2_MAGIC else "raw"
+    finally:
+        file.close()
 
 
 def open_layer(filename: str, fmt: str | None = None, writable: bool = False):
-    """Open one image (and, for qcow2, its backing chain) as a layer."""
-    fmt = fmt or probe_format(filename)
-    if fmt == "raw":
-        try:
-            return HostFile(filename, writable)
-        except OSError as e:
-            raise ImageError(f"{filename}: cannot open: {e.strerror}") from None
-    if fmt == "qcow2":
-        from .image import Qcow2Image
+    """Open one image (and, for qcow2, its backing chain) as a layer.
 
-        return Qcow2Image.open(filename, writable)
+    The format probe reads through the same file as the image, as QEMU's
+    does, so the page cache sees QEMU's access pattern.
+    """
+    from .image import Qcow2Image, open_host_file
+
+    file = open_host_file(filename, writable)
+    if fmt is None:
+        fmt = "qcow2" if file.pread(0, 4) == QCOW2_MAGIC else "raw"
+    if fmt == "raw":
+        return file
+    if fmt == "qcow2":
+        return Qcow2Image.open(filename, writable, file=file)
+    file.close()
     raise ValueError(f"unknown image format {fmt!r} (expected qcow2 or raw)")
 
 

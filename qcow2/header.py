@@ -46,6 +46,7 @@ class Header:
     bitmaps: dict | None = None
     crypto: dict | None = None
     unknown_extensions: list[tuple[int, bytes]] = field(default_factory=list)
+    extension_offsets: list[int] = field(default_factory=list)  # each extension header, END included
 
     @property
     def cluster_size(self) -> int:
@@ -173,6 +174,7 @@ def _parse_extensions(h: Header, cluster0: bytes, where: str) -> None:
     end = min(end, len(cluster0))
     while pos + 8 <= end:
         ext = L.ExtensionHeader.parse(cluster0[pos : pos + 8])
+        h.extension_offsets.append(pos)
         if ext.type == L.EXT_END:
             return
         data_start = pos + 8

@@ -144,6 +144,13 @@ class Qcow2Image:
         self.has_data_file = h.has_data_file
         raw = file.pread(h.l1_table_offset, h.l1_size * 8)
         self.l1 = list(struct.unpack(f">{h.l1_size}Q", raw))
+        self.refs = self.load_refcounts()
+        for pos in h.extension_offsets:  # QEMU's second pass over the extensions
+            file.pread(pos, 8)
+        if h.backing_file_offset:
+            file.pread(h.backing_file_offset, h.backing_file_size)
+        self._read_snapshot_table()
+        self._read_bitmaps()
         self._l2_cache: OrderedDict[int, L2Table] = OrderedDict()
         self._l2_cache_max = max(16, L2_CACHE_BYTES >> self.cluster_bits)
         self._csize_shift = 62 - (self.cluster_bits - 8)
@@ -157,24 +164,30 @@ class Qcow2Image:
     # -- opening -------------------------------------------------------------------
 
     @classmethod
-    def open(cls, filename: str, writable: bool = False, _depth: int = 0) -> Qcow2Image:
-        """Open an image and its backing chain (backing files always read-only)."""
+    def open(
+        cls, filename: str, writable: bool = False, _depth: int = 0, file: HostFile | None = None
+    ) -> Qcow2Image:
+        """Open an image and its backing chain (backing files always read-only).
+
+        Reads happen in QEMU's order and sizes (header page, L1, refcount
+        table, snapshots, bitmaps): the kernel's readahead then caches the
+        same pages QEMU's would, and block status over unwritten extents
+        (which SEEK_HOLE reports by page-cache state) comes out the same.
+        """
         if _depth > MAX_CHAIN_DEPTH:
             raise ImageError(f"{filename}: backing chain deeper than {MAX_CHAIN_DEPTH} (a loop?)")
-        try:
-            file = HostFile(filename, writable)
-        except OSError as e:
-            raise ImageError(f"{filename}: cannot open: {e.strerror}") from None
+        if file is None:
+            file = open_host_file(filename, writable)
         data_file = backing = None
         try:
-            with open(filename, "rb") as f:
-                cluster0 = f.read(1 << 21)
-            header = parse_header(cluster0, filename)
+            header = parse_header(_read_cluster0(file), filename)
             if writable and header.corrupt:
                 raise ImageError(f"{filename}: image is corrupt; cannot be opened read/write")
-            data_file = cls._open_data_file(filename, header, writable)
-            backing = cls._open_backing(filename, header, _depth)
-            image = cls(filename, file, header, backing, data_file)
+            image = cls(filename, file, header, None, None)
+            data_file = image.data_file = cls._open_data_file(filename, header, writable)
+            if data_file is not None:
+                image.data = data_file
+            backing = image.backing = cls._open_backing(filename, header, _depth)
             if writable:
                 from .write import Qcow2Writer
 
@@ -209,16 +222,14 @@ class Qcow2Image:
         if not os.path.exists(path):
             raise ImageError(f"{filename}: backing file {path} does not exist")
         fmt = h.backing_format
+        file = open_host_file(path, False)
         if fmt is None:
-            with open(path, "rb") as f:
-                fmt = "qcow2" if f.read(4) == L.MAGIC else "raw"
+            fmt = "qcow2" if file.pread(0, 4) == L.MAGIC else "raw"
         if fmt == "raw":
-            try:
-                return HostFile(path)
-            except OSError as e:
-                raise ImageError(f"{filename}: cannot open backing file {path}: {e.strerror}") from None
+            return file
         if fmt == "qcow2":
-            return Qcow2Image.open(path, _depth=depth + 1)
+            return Qcow2Image.open(path, _depth=depth + 1, file=file)
+        file.close()
         raise ImageError(f"{filename}: backing file format {fmt!r} is not supported")
 
     # -- tables ---------------------------------------------------------------------
@@ -343,27 +354,65 @@ class Qcow2Image:
     # -- layer surface ----------------------------------------------------------------
 
     def driver_status(self, offset: int, length: int, want_zero: bool) -> Status:
+        prealloc = self.metadata_preallocated()  # first, as QEMU: it reads the refcount blocks
         stype, n, host = self.lookup(offset, length)
         flags = _STATUS_FLAGS[stype]
-        if flags & DATA and flags & OFFSET_VALID and self.metadata_preallocated():
+        if flags & DATA and flags & OFFSET_VALID and prealloc:
             flags |= RECURSE
         return Status(flags, n, host, self.data if flags & OFFSET_VALID else None)
+
+    def load_refcounts(self) -> Refcounts:
+        h = self.header
+        return Refcounts(
+            self.file, h.cluster_bits, h.refcount_order, h.refcount_table_offset, h.refcount_table_clusters
+        )
+
+    def _read_snapshot_table(self) -> None:
+        """Walk the snapshot table as QEMU does at open (contents unused while reading)."""
+        h = self.header
+        offset = h.snapshots_offset
+        for _ in range(min(h.nb_snapshots, 65536)):
+            offset = (offset + 7) & ~7
+            fixed = self.file.pread(offset, 40)
+            extra, id_len, name_len = (
+                int.from_bytes(fixed[36:40], "big"),
+                int.from_bytes(fixed[12:14], "big"),
+                int.from_bytes(fixed[14:16], "big"),
+            )
+            if extra > 1024:
+                return
+            self.file.pread(offset + 40, extra + id_len + name_len)
+            offset += 40 + extra + id_len + name_len
+
+    def _read_bitmaps(self) -> None:
+        """Read the bitmap directory and tables, as QEMU loads persistent bitmaps at open."""
+        h = self.header
+        if not h.bitmaps or not h.autoclear_features & L.AUTOCLEAR_BITMAPS:
+            return
+        size = h.bitmaps["bitmap_directory_size"]
+        if not 0 < size <= 64 << 20:
+            return
+        directory = self.file.pread(h.bitmaps["bitmap_directory_offset"], size)
+        pos = 0
+        while pos + 24 <= len(directory):
+            table_offset = int.from_bytes(directory[pos : pos + 8], "big")
+            table_size = int.from_bytes(directory[pos + 8 : pos + 12], "big")
+            name_size = int.from_bytes(directory[pos + 18 : pos + 20], "big")
+            extra = int.from_bytes(directory[pos + 20 : pos + 24], "big")
+            if table_offset and table_size <= 1 << 16:
+                table = struct.unpack(f">{table_size}Q", self.file.pread(table_offset, table_size * 8))
+                for entry in table:
+                    if entry & L.L2E_OFFSET_MASK:
+                        self.file.pread(entry & L.L2E_OFFSET_MASK, self.cluster_size)
+            pos += (24 + extra + name_size + 7) & ~7
 
     def metadata_preallocated(self) -> bool:
         """QEMU's heuristic: far more clusters in use than the host file really stores."""
         if self._metadata_prealloc is None:
-            h = self.header
             real_clusters = self.file.allocated_bytes() // self.cluster_size
             threshold = max(real_clusters * 10 // 9, real_clusters + 2)
             end_cluster = -(-self.file.file_size // self.cluster_size)
-            refs = Refcounts(
-                self.file,
-                h.cluster_bits,
-                h.refcount_order,
-                h.refcount_table_offset,
-                h.refcount_table_clusters,
-            )
-            self._metadata_prealloc = refs.count_in_use(end_cluster, threshold) >= threshold
+            self._metadata_prealloc = self.refs.count_in_use(end_cluster, threshold) >= threshold
         return self._metadata_prealloc
 
     def readinto(self, offset: int, buf: memoryview) -> None:
@@ -419,6 +468,35 @@ class Qcow2Image:
         self.file.close()
         if self.data_file is not None:
             self.data_file.close()
+
+
+def _read_cluster0(file: HostFile) -> bytes:
+    """The header page; the rest of cluster 0 only when extensions or the backing name reach it."""
+    first = file.pread(0, 4096)
+    cluster_bits = int.from_bytes(first[20:24], "big")
+    if first[:4] != L.MAGIC or not 9 <= cluster_bits <= 21:
+        return first
+    csize = 1 << cluster_bits
+    if csize <= 4096:
+        return first[:csize]
+    version = int.from_bytes(first[4:8], "big")
+    backing_end = int.from_bytes(first[8:16], "big") + int.from_bytes(first[16:20], "big")
+    pos = int.from_bytes(first[100:104], "big") if version >= 3 else L.V2_HEADER_LENGTH
+    while pos + 8 <= 4096:
+        ext_type = int.from_bytes(first[pos : pos + 4], "big")
+        if ext_type == L.EXT_END:
+            break
+        pos += 8 + ((int.from_bytes(first[pos + 4 : pos + 8], "big") + 7) & ~7)
+    if pos + 8 > 4096 or backing_end > 4096:
+        return file.pread(0, csize)
+    return first
+
+
+def open_host_file(filename: str, writable: bool = False) -> HostFile:
+    try:
+        return HostFile(filename, writable)
+    except OSError as e:
+        raise ImageError(f"{filename}: cannot open: {e.strerror}") from None
 
 
 def _zero(part: memoryview) -> None:

@@ -29,7 +29,6 @@ from .image import (
     Qcow2Image,
     _zero,
 )
-from .refcount import Refcounts
 from .status import ZERO, status_above
 
 log = logging.getLogger(__name__)
@@ -73,14 +72,8 @@ class Qcow2Writer:
         h = img.header
         self.fd = img.file.fd
         self.corrupt = False
-        self.refs = Refcounts(
-            img.file,
-            h.cluster_bits,
-            h.refcount_order,
-            h.refcount_table_offset,
-            h.refcount_table_clusters,
-            on_table_moved=self._reftable_moved,
-        )
+        self.refs = img.refs
+        self.refs.on_table_moved = self._reftable_moved
         self.dirty_marked = False
         # Write-back state: L1/L2 changes reach the file at flush, after the data
         # and refcounts they depend on are synced; frees wait until after that.
@@ -93,14 +86,8 @@ class Qcow2Writer:
 
             # QEMU's open of a dirty image: check -r all, then trust the (new) refcounts.
             repair_dirty_image(img)
-            self.refs = Refcounts(
-                img.file,
-                h.cluster_bits,
-                h.refcount_order,
-                h.refcount_table_offset,
-                h.refcount_table_clusters,
-                on_table_moved=self._reftable_moved,
-            )
+            self.refs = img.refs = img.load_refcounts()
+            self.refs.on_table_moved = self._reftable_moved
         self._clear_autoclear()
         self._refblocks: tuple[int, set[int]] = (-1, set())
         self._l2_clusters = {
