@@ -72,7 +72,9 @@ class _Write:
 class _Plan:
     writes: list[_Write] = field(default_factory=list)
     file_length: int = 0
-    data_file_length: int = 0
+    # how the external data file is sized: (length, mode); mode "cow" = zeros written at the tail
+    data_file: tuple[int, str] = (0, "off")
+    data_cow: tuple[int, int] | None = None
     # (start, end, mode): the file grows here with falloc/full preallocation
     prealloc: list[tuple[int, int, str]] = field(default_factory=list)
 
@@ -403,12 +405,7 @@ class _Allocator:
     # -- qcow2_co_truncate from size 0 -----------------------------------------
 
     def preallocate_metadata(self, size: int) -> int:
-        """preallocate_co: L2 tables and data clusters in order; returns the end of the last data.
-
-        qemu 7.2 extends the (data) file to the end of the last data
-        (sub)cluster, not just to the last guest byte, so the end is rounded
-        up to the subcluster size (the cluster size without extended L2).
-        """
+        """preallocate_co: L2 tables and data clusters in order; returns the host end of the last byte."""
         offset, left = 0, size
         host = cur = 0
         chunk = INT_MAX & ~(self.cs - 1)
@@ -419,8 +416,7 @@ class _Allocator:
                 self.link_l2(guest, alloc, nb)
             left -= cur
             offset += cur
-        unit = self.cs // EXTL2_SUBCLUSTERS if self.l2_entry == 16 else self.cs
-        return -(-(host + cur) // unit) * unit
+        return host + cur
 
     def preallocate_data_area(self, size: int, mode: str) -> None:
         """The falloc/full path: new refcount area, one contiguous data run, then L2 tables."""
@@ -580,7 +576,7 @@ def validate(
     if size < 0 or size > (1 << 63) - 1:
         raise CreateError(f"Invalid image size specified. Must be between 0 and {(1 << 63) - 1}.")
     if version not in (2, 3):
-        raise CreateError(f"Parameter 'version' does not accept value 'v{version}'")
+        raise CreateError(f"Parameter 'version' does not accept value '{version}'")
     if preallocation not in PREALLOC_MODES:
         raise CreateError(f"Parameter 'preallocation' does not accept value '{preallocation}'")
     if compression_type not in COMPRESSION_TYPES:
@@ -678,12 +674,25 @@ def plan_image(
     a.alloc_clusters(3 * cluster_size)  # header, reftable, first refblock
     l2_span = cluster_size * a.l2_entries
     a.grow_l1(-(-size // l2_span))
+    a.plan.data_file = (size, "off")
     if preallocation == "metadata" or (preallocation != "off" and data_file is not None):
         end = a.preallocate_metadata(size)
+        # When the disk ends inside a (sub)cluster, qemu 7.2 copies the rest of
+        # it (zeros) on write: that allocates the tail and sizes the file.
+        # Otherwise the file is simply truncated to the end.
+        unit = cluster_size // EXTL2_SUBCLUSTERS if extended_l2 else cluster_size
+        rounded = -(-end // unit) * unit
+        cow = (end, rounded) if end != rounded else None
         if data_file is not None:
-            a.plan.data_file_length = max(size, end)
-        elif end > a.plan.file_length:
-            a.plan.file_length = end
+            a.plan.data_file = (
+                rounded,
+                "cow" if cow else preallocation if preallocation != "metadata" else "off",
+            )
+            a.plan.data_cow = cow
+        else:
+            if cow:
+                a.plan.prealloc.append((cow[0], cow[1], "zero"))
+            a.plan.file_length = max(a.plan.file_length, rounded)
     elif preallocation in ("falloc", "full"):
         a.preallocate_data_area(size, preallocation)
     incompatible = 0
@@ -714,7 +723,7 @@ def plan_image(
 
 
 def _fill(fd: int, start: int, end: int, mode: str) -> None:
-    """Preallocate [start, end) like file-posix: fallocate, or write zeros for ``full``."""
+    """Preallocate [start, end) like file-posix: fallocate, or write zeros (``full``, ``zero``)."""
     if mode == "falloc":
         os.posix_fallocate(fd, start, end - start)
         return
@@ -722,6 +731,21 @@ def _fill(fd: int, start: int, end: int, mode: str) -> None:
     pos = start
     while pos < end:
         pos += os.pwrite(fd, chunk[: min(len(chunk), end - pos)], pos)
+
+
+def _size_data_file(fd: int, plan: _Plan) -> None:
+    """Grow the new (empty) data file as qemu's file driver does."""
+    length, mode = plan.data_file
+    if plan.data_cow:
+        _fill(fd, *plan.data_cow, "zero")
+    else:
+        if mode == "off":
+            os.ftruncate(fd, length)
+        else:
+            _fill(fd, 0, length, mode)
+        if length:  # file-posix writes the first block when growing from 0 (alignment probing)
+            os.pwrite(fd, bytes(512 if length < 4096 else 4096), 0)
+    os.ftruncate(fd, length)
 
 
 def _create_file(path: str) -> int:
@@ -769,9 +793,6 @@ def create_image(
         backing_file=backing_file,
         backing_format=backing_format,
     )
-    if data_file_raw and preallocation == "off":
-        preallocation = "metadata"
-    size = -(-size // 512) * 512
     created: list[str] = []
     try:
         fd = _create_file(filename)
@@ -791,10 +812,7 @@ def create_image(
             dfd = _create_file(data_file)
             created.append(data_file)
             try:
-                length = max(size, plan.data_file_length)
-                if preallocation in ("falloc", "full"):
-                    _fill(dfd, 0, length, preallocation)
-                os.ftruncate(dfd, length)
+                _size_data_file(dfd, plan)
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
@@ -986,11 +1004,8 @@ def run_create(
             if not opts["refcount_bits"].isdigit():
                 raise CreateError(where + "Parameter 'refcount_bits' expects a number")
             kwargs["refcount_bits"] = int(opts["refcount_bits"])
-        if "compat" in opts:
-            versions = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
-            if opts["compat"] not in versions:
-                raise CreateError(where + f"Parameter 'version' does not accept value '{opts['compat']}'")
-            kwargs["version"] = versions[opts["compat"]]
+        if "compat" in opts:  # an unknown level is refused by the driver, after "Formatting"
+            kwargs["version"] = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}.get(opts["compat"], 0)
         for name in ("compression_type", "preallocation", "data_file"):
             if name in opts:
                 kwargs[name] = opts[name]
@@ -1003,13 +1018,15 @@ def run_create(
         shown["size"] = str(size)
         line = " ".join(f"{k}={shown[k]}" for k in _PRINT_ORDER if k in shown)
         out(f"Formatting '{filename}', fmt={fmt} {line}")
+    if kwargs.get("version") == 0:
+        raise CreateError(where + f"Parameter 'version' does not accept value '{opts['compat']}'")
     try:
         if fmt == "raw":
             create_raw(filename, size, preallocation=kwargs.get("preallocation", "off"))
         else:
             create_image(filename, size, **kwargs)
-    except ImageTooLarge as e:
-        hint = " (try using a larger cluster size)" if "cluster_size" in opts else ""
+    except ImageTooLarge as e:  # qemu-img hints whenever the format has a cluster_size option
+        hint = " (try using a larger cluster size)" if fmt == "qcow2" else ""
         raise CreateError(where + str(e) + hint) from None
     except CreateError as e:
         raise CreateError(where + str(e)) from None
