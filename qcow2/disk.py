@@ -43,26 +43,28 @@ class ChainDisk:
 
     can_trim = can_zero = can_fast_zero = can_write
 
-    def _writer(self):
+    def _writer(self, offset: int = 0, length: int = 0):
         if self._read_only:
             raise OSError(errno.EPERM, "the disk is read-only")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OSError(errno.ENOSPC, "request beyond the end of the disk")
         writer = getattr(self.top, "writer", None)
         return writer if writer is not None else self.top
 
     def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        self._writer().write(offset, data)
+        self._writer(offset, len(data)).write(offset, data)
         if fua:
             self.flush()
 
     def write_zeroes(
         self, offset: int, length: int, may_unmap: bool = False, fast: bool = False, fua: bool = False
     ) -> None:
-        self._writer().write_zeroes(offset, length, may_unmap, fast)
+        self._writer(offset, length).write_zeroes(offset, length, may_unmap, fast)
         if fua:
             self.flush()
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        self._writer().trim(offset, length)
+        self._writer(offset, length).trim(offset, length)
         if fua:
             self.flush()
 
