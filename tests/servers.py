@@ -146,9 +146,14 @@ def _forking_server(name: str, argv_fn, image: Image, workdir: Path, export: str
                 sdir.rmdir()
 
 
-def qemu_nbd(image: Image, workdir: Path, export: str = "") -> contextlib.AbstractContextManager[Server]:
+def qemu_nbd(
+    image: Image, workdir: Path, export: str = "", writable: bool = False
+) -> contextlib.AbstractContextManager[Server]:
+    """qemu-nbd on ``image``: read-only unless ``writable`` (then it changes the image)."""
+
     def argv(sock, pidfile):
-        a = ["qemu-nbd", "-r", "-A", "-t", "-e", "16", "-f", image.fmt, "-k", str(sock)]
+        a = ["qemu-nbd", *([] if writable else ["-r"]), "-A", "-t", "-e", "16", "-f", image.fmt]
+        a += ["-k", str(sock)]
         if export:
             a += ["-x", export]
         return a + ["--fork", "--pid-file", str(pidfile), image.path]
@@ -156,9 +161,13 @@ def qemu_nbd(image: Image, workdir: Path, export: str = "") -> contextlib.Abstra
     return _forking_server("qemu-nbd", argv, image, workdir, export)
 
 
-def our_nbd(image: Image, workdir: Path, export: str = "") -> contextlib.AbstractContextManager[Server]:
+def our_nbd(
+    image: Image, workdir: Path, export: str = "", writable: bool = False
+) -> contextlib.AbstractContextManager[Server]:
+    """Our server on ``image``: read-only unless ``writable`` (then it changes the image)."""
+
     def argv(sock, pidfile):
-        a = [PYTHON, "-m", "nbdserver", "-r", "-f", image.fmt, "-k", str(sock)]
+        a = [PYTHON, "-m", "nbdserver", *([] if writable else ["-r"]), "-f", image.fmt, "-k", str(sock)]
         if export:
             a += ["-x", export]
         return a + ["--fork", "--pid-file", str(pidfile), image.path]
