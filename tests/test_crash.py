@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import struct
 import subprocess
@@ -521,3 +522,103 @@ def test_kill_during_writes(shape: Shape, seed: int, tmp_path: Path, oracle_tool
     r2, report = check_json(copy)
     if r.rc != 0 or r2.rc != 0 or any(report.get(k) for k in ("corruptions", "leaks", "check-errors")):
         fail(f"QEMU's copy: check -r all rc={r.rc}\n{r.out}{r.err}\nthen check rc={r2.rc}\n{r2.out}{r2.err}")
+
+
+# --- iotest 039's subject: lazy refcounts and the dirty bit ------------------------------------
+
+ERR_REFCOUNT = re.compile(r"^ERROR cluster (\d+) refcount=0 reference=1$", re.M)
+
+
+@pytest.mark.parametrize("seed", [SEED + 39, SEED + 390])
+def test_lazy_refcounts_dirty_after_kill_like_qemu(seed: int, tmp_path: Path, oracle_tools: None):
+    """A lazy-refcount image whose server was killed after a FLUSH, mid-way through
+    more writes: dirty bit set, refcounts of the flushed allocations missing (what
+    QEMU's check reports for its own crash: "refcount=0 reference=1" corruptions);
+    our check and our repairs say and do what qemu-img's do; a read-only open
+    leaves the image alone; a read-write open of our server repairs it."""
+    rng = random.Random(seed)
+    shape = Shape("lazy-refcounts", 8 * MiB, 64 * KiB)
+    rc = Recipe(tmp_path / "img")
+    rc.create("top.qcow2", shape.size, lazy_refcounts=True)
+    image = rc.image("top.qcow2")
+    model = Model(bytes(shape.size), None)
+    first = [
+        Op(i + 1, "write", off, 3 * KiB + i * 70 * KiB, data=rng.randbytes(3 * KiB + i * 70 * KiB))
+        for i, off in enumerate(rng.sample(range(0, shape.size - MiB, 512 * KiB), 6))
+    ]
+    rest = plan(rng, shape, 40)
+    for k, op in enumerate(rest):
+        op.seq = len(first) + 2 + k
+    ops = [*first, Op(len(first) + 1, "flush"), *rest]
+    crash = Crash(ops, kill_after=len(first) + 1 + rng.randint(1, 20))
+    context = [f"seed {seed} (CRASH_SEED={SEED})"]
+
+    def fail(msg: str) -> None:
+        parts = [*context, msg, f"--- requests sent:\n{crash.log()}", "--- image:\n" + rc.script()]
+        pytest.fail("\n".join(parts), pytrace=False)
+
+    with our_nbd(image, tmp_path / "srv1", writable=True) as srv:
+        drive(srv.uri, srv.pid, crash, model)
+    if crash.problems:
+        fail("\n".join(crash.problems))
+    context.append(f"killed after {crash.replies} replies, {crash.killed_with_in_flight} in flight")
+
+    if not read_header(image.abspath)["incompatible_features"] & 1 or not dirty(image):
+        fail("the killed lazy-refcount image is not marked dirty")
+    ref = run(["qemu-img", "check", image.path], image.cwd)
+    if ref.rc != 2:
+        fail(f"qemu-img check of the dirty image: rc={ref.rc} (2 expected)\n{ref.out}{ref.err}")
+    # the data clusters of the flushed writes are in the L2 tables but not refcounted
+    mapped = run(["qemu-img", "map", "-U", "--output=json", image.path], image.cwd)
+    hosts = set()
+    for e in json.loads(mapped.out):
+        for w in first:
+            last = w.offset + w.length - 1  # the write's last byte
+            if e.get("data") and "offset" in e and e["start"] <= last < e["start"] + e["length"]:
+                hosts.add((e["offset"] + last - e["start"]) >> 16)
+    missing = hosts - {int(c) for c in ERR_REFCOUNT.findall(ref.err)}
+    if missing:
+        fail(f"qemu-img check misses flushed data clusters {sorted(missing)}:\n{ref.err}{ref.out}")
+
+    def differ(what: str, r: Result, o: Result) -> None:
+        theirs = f"--- {r.cmdline()} rc={r.rc}\n{r.out}{r.err}"
+        fail(f"{what} differs:\n{theirs}\n--- ours rc={o.rc}\n{o.out}{o.err}")
+
+    for extra in ((), ("--output=json",)):
+        r = run(["qemu-img", "check", *extra, image.path], image.cwd)
+        o = run([PYTHON, "-m", "qcow2", "check", *extra, image.path], image.cwd)
+        if (r.rc, r.out, r.err) != (o.rc, o.out, o.err):
+            differ("check", r, o)
+
+    # repairs on copies: ours and qemu-img's, same words, same outcome
+    for mode in ("leaks", "all"):
+        q = clone(image, rc.root, tmp_path / f"qemu-{mode}")
+        o = clone(image, rc.root, tmp_path / f"ours-{mode}")
+        r1 = run(["qemu-img", "check", "-r", mode, q.path], q.cwd)
+        r2 = run([PYTHON, "-m", "qcow2", "check", "-r", mode, o.path], o.cwd)
+        if (r1.rc, r1.out) != (r2.rc, r2.out):
+            differ(f"check -r {mode}", r1, r2)
+        if mode == "all":
+            same = run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", q.path, str(o.abspath)], q.cwd)
+            after, _ = check_json(o)
+            if same.rc != 0 or after.rc != 0 or dirty(o):
+                fail(f"after our check -r all: compare rc={same.rc} {same.out}; check {after.rc} {after.out}")
+
+    # read-only: served as it is, nothing repaired
+    before = image.abspath.read_bytes()
+    with our_nbd(image, tmp_path / "srv-ro") as srv:
+        ro_view = read_all(srv.uri, shape.size)
+    if image.abspath.read_bytes() != before:
+        fail("a read-only export changed the dirty image")
+    bad = model.violations(ro_view)
+    if bad:
+        fail("read-only export of the dirty image:\n" + "\n".join(bad))
+
+    # read-write: repaired on open, the data still there, clean afterwards
+    with our_nbd(image, tmp_path / "srv2", writable=True) as srv:
+        rw_view = read_all(srv.uri, shape.size)
+    if rw_view != ro_view:
+        fail("the repaired image reads differently from the dirty one")
+    r, report = check_json(image)
+    if r.rc != 0 or dirty(image) or any(report.get(k) for k in ("corruptions", "leaks", "check-errors")):
+        fail(f"after our repair: {r.cmdline()} rc={r.rc}\n{r.out}{r.err}")
