@@ -44,3 +44,23 @@ def case_image(tmp_path_factory: pytest.TempPathFactory, oracle_tools: None):
         return img
 
     return get
+
+
+BIG_BYTES = 4096
+
+
+def pytest_assertrepr_compare(op: str, left: object, right: object) -> list[str] | None:
+    """Large byte strings: say where they differ instead of a quadratic difflib report."""
+    if op != "==" or not isinstance(left, bytes | bytearray | memoryview):
+        return None
+    if not isinstance(right, bytes | bytearray | memoryview):
+        return None
+    a, b = bytes(left), bytes(right)
+    if max(len(a), len(b)) < BIG_BYTES:
+        return None
+    first = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
+    return [
+        f"byte strings differ: lengths {len(a)} and {len(b)}, first difference at offset {first}",
+        f"left  [{first}:{first + 16}] = {a[first : first + 16].hex()}",
+        f"right [{first}:{first + 16}] = {b[first : first + 16].hex()}",
+    ]
