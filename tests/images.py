@@ -199,6 +199,21 @@ class Recipe:
                 os.close(fd)
 
 
+def clone(image: Image, where: Path) -> Image:
+    """The same image in a sparse copy of its recipe's whole directory at ``where``.
+
+    Backing and data files come along, so relative names resolve in the copy
+    exactly as in the original; the copy's recipe lists the same build steps.
+    """
+    src = image.recipe.root
+    p = subprocess.run(["cp", "-a", "--sparse=always", str(src), str(where)], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise BuildError(f"cp -a {src} {where}: {p.stderr}")
+    rc = Recipe(where)
+    rc.steps = list(image.recipe.steps)
+    return Image(image.path, where / image.cwd.relative_to(src), image.fmt, rc, image.premise)
+
+
 def _optval(v: object) -> str:
     if v is True:
         return "on"

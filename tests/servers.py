@@ -493,3 +493,64 @@ def assert_same(cmp: Comparison, title: str = "") -> None:
         import pytest
 
         pytest.fail(report(cmp, title), pytrace=False)
+
+
+# ---------------------------------------------------------------------------
+# Images a writer has changed: guest bytes, allocation, check
+
+
+def guest_bytes(image: Image, scratch: Path) -> bytes:
+    """The guest view of ``image`` (``qemu-img convert -O raw`` run from the image's directory)."""
+    r = run(["qemu-img", "convert", "-f", image.fmt, "-O", "raw", image.path, str(scratch)], image.cwd)
+    if r.rc != 0:
+        raise AssertionError(f"{r.cmdline()} failed (rc={r.rc}): {r.err}")
+    data = scratch.read_bytes()
+    scratch.unlink()
+    return data
+
+
+def allocation_map(image: Image) -> tuple[list[tuple], Result]:
+    """``qemu-img map --output=json`` reduced to what must match qemu after the same writes:
+    runs of (start, length, depth, present, zero, data, mapped to the host or not); host
+    offsets themselves may differ.  The image's files are synced and dropped from the
+    page cache first (written-but-unsynced ext4 extents flip between hole and data)."""
+    image.recipe.settle(sync=True)
+    r = run(["qemu-img", "map", "--output=json", image.path], image.cwd)
+    if r.rc != 0:
+        raise AssertionError(f"{r.cmdline()} failed (rc={r.rc}): {r.err}")
+    runs: list[list] = []
+    for e in json.loads(r.out):
+        key = [e["depth"], e["present"], e["zero"], e["data"], "offset" in e]
+        if runs and runs[-1][2:] == key and runs[-1][0] + runs[-1][1] == e["start"]:
+            runs[-1][1] += e["length"]
+        else:
+            runs.append([e["start"], e["length"], *key])
+    return [tuple(x) for x in runs], r
+
+
+def check_report(image: Image, *extra: str) -> tuple[Result, dict]:
+    """``qemu-img check [extra] --output=json``: the result and the parsed report ({} if none)."""
+    r = run(["qemu-img", "check", *extra, "--output=json", image.path], image.cwd)
+    try:
+        report = json.loads(r.out) if r.out.strip() else {}
+    except ValueError:
+        report = {}
+    return r, report
+
+
+def check_problems(image: Image) -> str | None:
+    """None if ``qemu-img check`` is clean and the image is not dirty, else what is wrong."""
+    r, report = check_report(image)
+    bad = {k: report.get(k) for k in ("corruptions", "leaks", "check-errors") if report.get(k)}
+    if r.rc != 0 or bad:
+        return f"{r.cmdline()}: rc={r.rc} {bad}\n{r.out}{r.err}"
+    if dirty_flag(image):
+        return f"{image.path} is left with the dirty flag set"
+    return None
+
+
+def dirty_flag(image: Image) -> bool:
+    r = run(["qemu-img", "info", "-U", "--output=json", image.path], image.cwd)
+    if r.rc != 0:
+        raise AssertionError(f"{r.cmdline()} failed (rc={r.rc}): {r.err}")
+    return bool(json.loads(r.out).get("dirty-flag", False))

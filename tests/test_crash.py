@@ -39,15 +39,14 @@ import random
 import re
 import signal
 import struct
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbd
 import pytest
-from images import Image, KiB, MiB, Recipe, read_header
+from images import Image, KiB, MiB, Recipe, clone, read_header
 from nbd_wire import wait_pid_exit
-from servers import PYTHON, Result, our_nbd, run
+from servers import PYTHON, Result, check_report, dirty_flag, guest_bytes, our_nbd, run
 
 SECTOR = 512
 DEPTH = 8  # requests in flight at most
@@ -396,41 +395,11 @@ def read_all(uri: str, size: int) -> bytes:
         h.shutdown()
 
 
-def guest_bytes(image: Image, out: Path) -> bytes:
-    r = run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image.path, str(out)], image.cwd)
-    assert r.rc == 0, f"{r.cmdline()} failed: {r.err}"
-    data = out.read_bytes()
-    out.unlink()
-    return data
-
-
-def clone(image: Image, root: Path, where: Path) -> Image:
-    """Copy the whole recipe directory (image, backing, data file) to ``where``."""
-    p = subprocess.run(["cp", "-a", "--sparse=always", str(root), str(where)], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    return Image(image.path, where / image.cwd.relative_to(root), image.fmt, image.recipe)
-
-
 def reftable(path: Path) -> tuple[int, int]:
     """(offset, clusters) of the refcount table, from the header."""
     with open(path, "rb") as f:
         f.seek(48)
         return struct.unpack(">QI", f.read(12))
-
-
-def check_json(image: Image, *extra: str) -> tuple[Result, dict]:
-    r = run(["qemu-img", "check", *extra, "--output=json", image.path], image.cwd)
-    try:
-        report = json.loads(r.out) if r.out.strip() else {}
-    except ValueError:
-        report = {}
-    return r, report
-
-
-def dirty(image: Image) -> bool:
-    r = run(["qemu-img", "info", "-U", "--output=json", image.path], image.cwd)
-    assert r.rc == 0, r.err
-    return bool(json.loads(r.out).get("dirty-flag", False))
 
 
 CASES = [(shape, SEED + 101 * i + k) for i, shape in enumerate(SHAPES) for k in range(SEEDS_PER_SHAPE)]
@@ -441,7 +410,6 @@ def test_kill_during_writes(shape: Shape, seed: int, tmp_path: Path, oracle_tool
     rng = random.Random(seed)
     rc = Recipe(tmp_path / "img")
     image = shape.make(rc)
-    root = rc.root
     initial = guest_bytes(image, tmp_path / "initial.raw")
     backing = None
     if shape.backing:
@@ -471,11 +439,11 @@ def test_kill_during_writes(shape: Shape, seed: int, tmp_path: Path, oracle_tool
     )
 
     # -- the crashed image, before anyone repairs it -----------------------------------
-    copy = clone(image, root, tmp_path / "copy")
+    copy = clone(image, tmp_path / "copy")
     if shape.name == "c512-refcount-growth" and reftable(image.abspath) == reftable_before:
         fail(f"premise: the refcount table did not move ({reftable_before})")
     if not shape.v2 and any(op.state != "planned" and op.kind != "flush" for op in ops):
-        if not dirty(image):
+        if not dirty_flag(image):
             fail("the crashed v3 image has no dirty flag")
     ref = run(["qemu-img", "check", image.path], image.cwd)
     ours = run([PYTHON, "-m", "qcow2", "check", image.path], image.cwd)
@@ -495,14 +463,14 @@ def test_kill_during_writes(shape: Shape, seed: int, tmp_path: Path, oracle_tool
     bad = model.violations(ours_view)
     if bad:
         fail("read back through our restarted server, sectors violate the model:\n" + "\n".join(bad), srv)
-    r, report = check_json(image)
+    r, report = check_report(image)
     if shape.v2:
         if r.rc not in (0, 3) or report.get("corruptions"):
             fail(f"v2 image after our restart: {r.cmdline()} rc={r.rc}\n{r.out}{r.err}")
     else:
         if r.rc != 0 or any(report.get(k) for k in ("corruptions", "leaks", "check-errors")):
             fail(f"after our server's repair and clean shutdown: {r.cmdline()} rc={r.rc}\n{r.out}{r.err}")
-        if dirty(image):
+        if dirty_flag(image):
             fail("after our server's repair and clean shutdown the image is still dirty")
 
     # -- 2. the same crash, repaired by QEMU ---------------------------------------------------
@@ -518,8 +486,8 @@ def test_kill_during_writes(shape: Shape, seed: int, tmp_path: Path, oracle_tool
             f"qemu {qemu_view[i : i + 16].hex()} ours {ours_view[i : i + 16].hex()}\n"
             + ("\n".join(bad) if bad else "(QEMU's view satisfies the model too)")
         )
-    r, _ = check_json(copy, "-r", "all")
-    r2, report = check_json(copy)
+    r, _ = check_report(copy, "-r", "all")
+    r2, report = check_report(copy)
     if r.rc != 0 or r2.rc != 0 or any(report.get(k) for k in ("corruptions", "leaks", "check-errors")):
         fail(f"QEMU's copy: check -r all rc={r.rc}\n{r.out}{r.err}\nthen check rc={r2.rc}\n{r2.out}{r2.err}")
 
@@ -563,7 +531,7 @@ def test_lazy_refcounts_dirty_after_kill_like_qemu(seed: int, tmp_path: Path, or
         fail("\n".join(crash.problems))
     context.append(f"killed after {crash.replies} replies, {crash.killed_with_in_flight} in flight")
 
-    if not read_header(image.abspath)["incompatible_features"] & 1 or not dirty(image):
+    if not read_header(image.abspath)["incompatible_features"] & 1 or not dirty_flag(image):
         fail("the killed lazy-refcount image is not marked dirty")
     ref = run(["qemu-img", "check", image.path], image.cwd)
     if ref.rc != 2:
@@ -592,16 +560,16 @@ def test_lazy_refcounts_dirty_after_kill_like_qemu(seed: int, tmp_path: Path, or
 
     # repairs on copies: ours and qemu-img's, same words, same outcome
     for mode in ("leaks", "all"):
-        q = clone(image, rc.root, tmp_path / f"qemu-{mode}")
-        o = clone(image, rc.root, tmp_path / f"ours-{mode}")
+        q = clone(image, tmp_path / f"qemu-{mode}")
+        o = clone(image, tmp_path / f"ours-{mode}")
         r1 = run(["qemu-img", "check", "-r", mode, q.path], q.cwd)
         r2 = run([PYTHON, "-m", "qcow2", "check", "-r", mode, o.path], o.cwd)
         if (r1.rc, r1.out) != (r2.rc, r2.out):
             differ(f"check -r {mode}", r1, r2)
         if mode == "all":
             same = run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", q.path, str(o.abspath)], q.cwd)
-            after, _ = check_json(o)
-            if same.rc != 0 or after.rc != 0 or dirty(o):
+            after, _ = check_report(o)
+            if same.rc != 0 or after.rc != 0 or dirty_flag(o):
                 fail(f"after our check -r all: compare rc={same.rc} {same.out}; check {after.rc} {after.out}")
 
     # read-only: served as it is, nothing repaired
@@ -619,6 +587,6 @@ def test_lazy_refcounts_dirty_after_kill_like_qemu(seed: int, tmp_path: Path, or
         rw_view = read_all(srv.uri, shape.size)
     if rw_view != ro_view:
         fail("the repaired image reads differently from the dirty one")
-    r, report = check_json(image)
-    if r.rc != 0 or dirty(image) or any(report.get(k) for k in ("corruptions", "leaks", "check-errors")):
+    r, report = check_report(image)
+    if r.rc != 0 or dirty_flag(image) or any(report.get(k) for k in ("corruptions", "leaks", "check-errors")):
         fail(f"after our repair: {r.cmdline()} rc={r.rc}\n{r.out}{r.err}")
