@@ -298,6 +298,7 @@ class Model:
 class Crash:
     ops: list[Op]
     kill_after: int
+    refill: bool = True  # send more requests after the last reply before the kill
     replies: int = 0
     killed_with_in_flight: int = 0
     problems: list[str] = field(default_factory=list)
@@ -373,6 +374,8 @@ def drive(uri: str, pid: int, crash: Crash, model: Model) -> None:
             if crash.replies >= crash.kill_after or not in_flight:
                 break
             h.poll(-1)
+            if crash.replies >= crash.kill_after and not crash.refill:
+                break  # kill with what is left in flight, nothing new sent
         crash.killed_with_in_flight = len(in_flight)
         os.kill(pid, signal.SIGKILL)
         killed = True
@@ -417,7 +420,7 @@ def test_kill_during_writes(shape: Shape, seed: int, tmp_path: Path, oracle_tool
         backing = guest_bytes(base, tmp_path / "base.raw")
     model = Model(initial, backing)
     ops = plan(rng, shape, 120)
-    crash = Crash(ops, kill_after=rng.randint(1, 100))
+    crash = Crash(ops, kill_after=rng.randint(1, 100), refill=rng.random() < 0.5)
     reftable_before = reftable(image.abspath)
 
     context = [f"shape {shape.name}, seed {seed} (CRASH_SEED={SEED})"]
@@ -426,7 +429,8 @@ def test_kill_during_writes(shape: Shape, seed: int, tmp_path: Path, oracle_tool
         parts = [*context, msg]
         if server is not None and server.stderr().strip():
             parts.append(f"--- {server.name} server stderr:\n{server.stderr()[-4000:]}")
-        parts.append(f"--- requests sent (kill after {crash.kill_after} replies):\n{crash.log()}")
+        when = "after sending more" if crash.refill else "before sending more"
+        parts.append(f"--- requests sent (kill after {crash.kill_after} replies, {when}):\n{crash.log()}")
         parts.append("--- commands that built the image:\n" + rc.script())
         pytest.fail("\n".join(parts), pytrace=False)
 
