@@ -40,6 +40,9 @@ class Disk(Protocol):
     def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the guest bytes at ``offset`` (``offset + len(buf) <= size``)."""
 
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        """The guest bytes at ``offset`` in a new buffer."""
+
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
         """Consecutive extents from ``offset``, covering exactly ``length`` bytes.
 

@@ -27,6 +27,10 @@ class ChainDisk:
     def readinto(self, offset: int, buf: memoryview) -> None:
         self.top.readinto(offset, buf)
 
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Guest bytes in a buffer of their own (often filled by the kernel without a copy)."""
+        return self.top.read(offset, length)
+
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
         end = min(offset + length, self.top.size)
         while offset < end:

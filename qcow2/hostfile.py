@@ -75,9 +75,22 @@ class HostFile:
             done += n
 
     def pread(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (zeros past the end of the file).
+
+        os.pread hands the kernel a fresh, uninitialised buffer: no zero-fill
+        and no copy on the common path of a full read.
+        """
+        data = os.pread(self.fd, length, offset)
+        if len(data) == length:
+            return data
         buf = bytearray(length)
-        self.readinto(offset, memoryview(buf))
+        view = memoryview(buf)
+        view[: len(data)] = data
+        self.readinto(offset + len(data), view[len(data) :])
         return bytes(buf)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.pread(offset, length)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         done = 0

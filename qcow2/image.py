@@ -433,6 +433,15 @@ class Qcow2Image:
                 self._read_backing(offset + pos, part)
             pos += n
 
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Guest bytes; one host read straight into a new buffer when a single run covers them."""
+        stype, n, host = self.lookup(offset, length)
+        if stype == NORMAL and n == length:
+            return self.data.pread(host, length)
+        buf = bytearray(length)
+        self.readinto(offset, memoryview(buf))
+        return buf
+
     def _read_backing(self, offset: int, part: memoryview) -> None:
         backing_size = self.backing.size
         inside = max(0, min(len(part), backing_size - offset))
