@@ -234,7 +234,7 @@ def test_partial_cluster_zero_writes(backing, flag, tmp_path: Path, oracle_tools
 
 
 @pytest.mark.parametrize("backing", [False, True], ids=["nobacking", "backing"])
-def test_zero_writes_then_data_reads_like_qemu_after_reopen(backing, tmp_path: Path, oracle_tools: None):
+def test_zero_writes_then_data_over_them(backing, tmp_path: Path, oracle_tools: None):
     """Both flags mixed, and data written over the zeroed ranges afterwards (the zero
     flags/allocations left by the first round must be taken over correctly)."""
     ops = _region_ops("") + _region_ops("-u")[::2]
