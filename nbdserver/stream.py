@@ -15,6 +15,7 @@ import asyncio
 import collections
 
 STAGING_SIZE = 256 * 1024  # bytes buffered ahead of the reader (headers, small payloads)
+COALESCE_MAX = 1024 * 1024  # replies held back to share one writev, at most this many bytes
 DIRECT_MIN = 64 * 1024  # a read still missing this much goes straight into the caller's buffer
 
 
@@ -36,6 +37,8 @@ class Stream(asyncio.BufferedProtocol):
         self._lost = False
         self._closed: asyncio.Future | None = None
         self.transport: asyncio.Transport | None = None
+        self._pending: list | None = None  # replies written in this loop iteration, not yet sent
+        self._pending_bytes = 0
 
     # --- protocol callbacks ---------------------------------------------------------
 
@@ -178,8 +181,25 @@ class Stream(asyncio.BufferedProtocol):
     # --- writing --------------------------------------------------------------------
 
     def writelines(self, buffers) -> None:
-        if not self._lost:
-            self.transport.writelines(buffers)
+        """Queue replies; all written in one loop iteration go out in one writev.
+
+        With many requests in flight, one recv brings many requests and their
+        replies leave together instead of one send call each.
+        """
+        if self._lost:
+            return
+        if self._pending is None:
+            self._pending = []
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.extend(buffers)
+        self._pending_bytes += sum(len(b) for b in buffers)
+        if self._pending_bytes >= COALESCE_MAX:
+            self._flush()
+
+    def _flush(self) -> None:
+        pending, self._pending, self._pending_bytes = self._pending, None, 0
+        if pending and not self._lost:
+            self.transport.writelines(pending)
 
     async def drain(self) -> None:
         if self._lost:
@@ -194,6 +214,7 @@ class Stream(asyncio.BufferedProtocol):
 
     def write_eof(self) -> None:
         """Half-close: the peer reads EOF after our last byte; we can still read."""
+        self._flush()
         if not self._lost and self.transport.can_write_eof():
             self.transport.write_eof()
 
@@ -202,6 +223,7 @@ class Stream(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            self._flush()
             self.transport.close()
 
     async def wait_closed(self) -> None:
