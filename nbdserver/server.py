@@ -30,7 +30,10 @@ MAX_IN_FLIGHT = 64  # requests per connection being served at once
 IN_FLIGHT_BYTES = 64 * 1024 * 1024  # read/write bytes per connection held in memory at once
 DISCARD_CHUNK = 1024 * 1024  # a refused WRITE payload is skipped this much at a time
 INLINE_MAX = 64 * 1024  # reads up to this size run on the event loop, not in a worker
-INLINE_COMMANDS = frozenset({Cmd.READ, Cmd.CACHE})
+# Small requests cost less than a hop to a worker thread and back: page-cache
+# reads, and writes that touch a few clusters.  FLUSH and FUA (an fsync) never.
+INLINE_COMMANDS = frozenset({Cmd.READ, Cmd.CACHE, Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM})
+_FUA = 1
 ACCEPT_RETRY_DELAY = 0.1  # back-off after a failed accept() (e.g. out of file descriptors)
 SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish after SIGTERM
 SHUTDOWN_LINGER = 2.0  # seconds a client gets to hang up after our last reply at shutdown
@@ -190,14 +193,19 @@ class Connection:
                 self.stream.writelines(commands.error_reply(req, negotiated.structured, error, message))
                 await self.stream.drain()
                 continue
-            if self.server.can_run_inline(req):
-                self.stream.writelines(commands.run(negotiated.export, req, negotiated))
+            payload = None
+            inline = self.server.can_run_inline(req)
+            if inline and req.payload_length:
+                payload = memoryview(bytearray(req.payload_length))
+                await stream.readinto(payload)
+                inline = self.server.can_run_inline(req)  # a worker may have started meanwhile
+            if inline:
+                self.stream.writelines(commands.run(negotiated.export, req, negotiated, payload))
                 await self.stream.drain()
                 continue
             await self._slots.acquire()
             held = await self._bytes.acquire(req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0)
-            payload = None
-            if req.payload_length:  # received straight into a buffer of the request's size
+            if req.payload_length and payload is None:  # received straight into a buffer of its size
                 payload = memoryview(bytearray(req.payload_length))
                 await stream.readinto(payload)
             task = asyncio.create_task(self._serve(negotiated, req, payload, held))
@@ -254,13 +262,16 @@ class Server:
         self._accepted = 0
 
     def can_run_inline(self, req: Request) -> bool:
-        """Small reads (page-cache hits, mostly) cost less than a hop to a worker thread.
+        """Small reads and writes cost less than a hop to a worker thread.
 
         A disk not known to be thread-safe is touched inline only while no
         worker is using it, so its calls stay serialised.
         """
         return (
-            req.cmd in INLINE_COMMANDS and req.length <= INLINE_MAX and (self._thread_safe or not self._busy)
+            req.cmd in INLINE_COMMANDS
+            and req.length <= INLINE_MAX
+            and not req.flags & _FUA
+            and (self._thread_safe or not self._busy)
         )
 
     async def run_in_worker(self, fn: Callable[..., T], *args: object) -> T:

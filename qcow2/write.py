@@ -188,6 +188,8 @@ class Qcow2Writer:
         if old and l1e & L.QCOW_OFLAG_COPIED:
             return old, img._l2_table(old), l2_index
         new = self.refs.alloc(1) << cbits
+        if self.refs.lazy:
+            self.refs.write_back()  # QEMU flushes its refcount cache on every L2 allocation
         self._check_overlap(new, img.cluster_size)
         if old:
             old_table = img._l2_table(old)
@@ -460,6 +462,9 @@ class Qcow2Writer:
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False, fast: bool = False) -> None:
         """Generic split by subcluster alignment, efficient zeroing, explicit zeros as fallback."""
         self._begin_update()
+        if fast and self.img.header.version < 3:
+            # QEMU's qcow2 offers no fast zeroing without the v3 zero flag.
+            raise OSError(errno.ENOTSUP, "v2 images cannot zero without writing")
         pieces = list(self._zero_pieces(offset, length))
         if fast and not all(self._pwrite_zeroes(o, n, may_unmap, dry_run=True) for o, n in pieces):
             raise OSError(errno.ENOTSUP, "zeroing this range needs data writes")
