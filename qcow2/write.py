@@ -555,6 +555,24 @@ class Qcow2Writer:
 
     def _zero_in_l2(self, offset: int, nb_clusters: int, may_unmap: bool) -> int:
         """QEMU's zero_in_l2_slice: set zero flags, release clusters the client lets go."""
+        extended = self.img.extended_l2
+
+        def rule(entry: int, bitmap: int, ctype: int) -> tuple[int, int, bool]:
+            unmap = ctype == COMPRESSED or (may_unmap and ctype in (NORMAL, ZERO_ALLOC))
+            new_entry = 0 if unmap else entry
+            if extended:
+                return new_entry, ALL_ZEROES, unmap
+            return new_entry | L.QCOW_OFLAG_ZERO, bitmap, unmap
+
+        return self._rewrite_l2(offset, nb_clusters, rule)
+
+    def _rewrite_l2(self, offset: int, nb_clusters: int, rule) -> int:
+        """Apply ``rule(entry, bitmap, type) -> (entry, bitmap, release)`` across one L2 table.
+
+        Changed entries are stored first, then what they released is freed:
+        QEMU's order, so no cluster is free while an entry on disk still uses it.
+        Returns how many clusters were covered (at most to the table's end).
+        """
         img = self.img
         l2_offset, table, l2_index = self._l2_for_write(offset)
         nb_clusters = min(nb_clusters, img.l2_entries - l2_index)
@@ -564,21 +582,13 @@ class Qcow2Writer:
         for i in range(l2_index, l2_index + nb_clusters):
             old_entry = table.entries[i]
             old_bitmap = bitmaps[i] if bitmaps else 0
-            ctype = img._cluster_type(old_entry)
-            allocated = ctype in (COMPRESSED, NORMAL, ZERO_ALLOC)
-            unmap = ctype == COMPRESSED or (may_unmap and allocated)
-            new_entry = 0 if unmap else old_entry
-            new_bitmap = old_bitmap
-            if bitmaps:
-                new_bitmap = ALL_ZEROES
-            else:
-                new_entry |= L.QCOW_OFLAG_ZERO
+            new_entry, new_bitmap, release = rule(old_entry, old_bitmap, img._cluster_type(old_entry))
             if new_entry == old_entry and new_bitmap == old_bitmap:
                 continue
             table.set(i, new_entry, new_bitmap)
             lo = i if lo is None else lo
             hi = i
-            if unmap:
+            if release:
                 freed.append(old_entry)
         if lo is not None:
             self._store_l2(l2_offset, table, lo, hi - lo + 1)
@@ -638,35 +648,21 @@ class Qcow2Writer:
             offset += done * self.img.cluster_size
 
     def _discard_in_l2(self, offset: int, nb_clusters: int, full: bool) -> int:
+        """QEMU's discard_in_l2_slice: zero clusters (or plain holes when ``full``)."""
         img = self.img
-        l2_offset, table, l2_index = self._l2_for_write(offset)
-        nb_clusters = min(nb_clusters, img.l2_entries - l2_index)
-        bitmaps = table.bitmaps
-        freed = []
-        lo = hi = None
-        for i in range(l2_index, l2_index + nb_clusters):
-            old_entry = table.entries[i]
-            old_bitmap = bitmaps[i] if bitmaps else 0
-            new_entry, new_bitmap = old_entry, old_bitmap
-            ctype = img._cluster_type(old_entry)
+        extended, v3 = img.extended_l2, img.header.version >= 3
+        hide_backing = img.backing is not None
+
+        def rule(entry: int, bitmap: int, ctype: int) -> tuple[int, int, bool]:
             if full:
-                new_entry = new_bitmap = 0
-            elif img.backing is not None or ctype in (COMPRESSED, NORMAL, ZERO_ALLOC):
-                if bitmaps:
-                    new_entry, new_bitmap = 0, ALL_ZEROES
-                else:
-                    new_entry = L.QCOW_OFLAG_ZERO if img.header.version >= 3 else 0
-            if new_entry == old_entry and new_bitmap == old_bitmap:
-                continue
-            table.set(i, new_entry, new_bitmap)
-            lo = i if lo is None else lo
-            hi = i
-            freed.append(old_entry)
-        if lo is not None:
-            self._store_l2(l2_offset, table, lo, hi - lo + 1)
-        for entry in freed:
-            self._free_any(entry, discard=True)
-        return nb_clusters
+                return 0, 0, True
+            if hide_backing or ctype in (COMPRESSED, NORMAL, ZERO_ALLOC):
+                if extended:
+                    return 0, ALL_ZEROES, True
+                return (L.QCOW_OFLAG_ZERO if v3 else 0), bitmap, True
+            return entry, bitmap, True
+
+        return self._rewrite_l2(offset, nb_clusters, rule)
 
     # -- durability --------------------------------------------------------------------
 
