@@ -370,7 +370,12 @@ class Qcow2Writer:
             cow_start_from = cow_start_to if t_first == NORMAL else sc_first * scs
             cow_end_to = cow_end_from if t_last == NORMAL else _round_up(cow_end_from, scs)
 
-        self._perform_cow(guest_base, host, cow_start_from, cow_start_to, cow_end_from, cow_end_to, data)
+        try:
+            self._perform_cow(guest_base, host, cow_start_from, cow_start_to, cow_end_from, cow_end_to, data)
+        except OSError:
+            if not keep_old and img.data_file is None and not self.corrupt:
+                self.refs.free(host >> img.cluster_bits, n)  # nothing points at them yet
+            raise
 
         old = []
         for i in range(n):

@@ -1,0 +1,106 @@
+"""Writes that cannot succeed: a full disk, and a write that would land on metadata.
+
+Both must fail the request with the right NBD error, keep the connection
+usable, and leave an image that `qemu-img check` finds without corruption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbd
+import pytest
+from images import Image, Recipe
+from servers import our_nbd
+
+MiB = 1 << 20
+
+
+def qemu(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=60)
+
+
+def connect(uri: str) -> nbd.NBD:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    return h
+
+
+def image_at(recipe: Recipe, path: Path) -> Image:
+    return Image(path.name, path.parent, "qcow2", recipe)
+
+
+@contextlib.contextmanager
+def small_filesystem(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size``: the test runs as root, like CI."""
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_disk_full_reports_enospc_and_keeps_the_image_consistent(tmp_path: Path, recipe: Recipe) -> None:
+    with small_filesystem(tmp_path / "fs", "3m") as fs:
+        img = fs / "full.qcow2"
+        qemu("qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M")
+        with our_nbd(image_at(recipe, img), tmp_path / "srv", writable=True) as srv:
+            h = connect(srv.uri)
+            written = 0
+            with pytest.raises(nbd.Error) as failure:
+                for written in range(0, 64 * MiB, MiB):
+                    h.pwrite(bytes([1 + written // MiB]) * MiB, written)
+            assert failure.value.errno == errno.errorcode[errno.ENOSPC], failure.value
+            assert written >= MiB, "nothing could be written at all: the test proves nothing"
+            h.flush()
+            for offset in range(0, written, MiB):  # what was acknowledged reads back
+                assert h.pread(MiB, offset) == bytes([1 + offset // MiB]) * MiB, offset
+            h.shutdown()
+        assert srv.exit_problem is None, srv.stderr()
+        result = qemu("qemu-img", "check", "--output=json", str(img), check=False)
+        report = json.loads(result.stdout)
+        assert result.returncode == 0, (result.returncode, report, result.stderr)
+        info = json.loads(qemu("qemu-img", "info", "--output=json", str(img)).stdout)
+        assert info["dirty-flag"] is False
+
+
+def test_write_onto_metadata_marks_the_image_corrupt(tmp_path: Path, recipe: Recipe) -> None:
+    img = tmp_path / "cr.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M")
+    qemu("qemu-io", "-c", "write -P 1 0 64k", str(img))
+    # Point guest cluster 0 at the active L1 table's cluster (QEMU's own example, §19.8).
+    with open(img, "r+b") as f:
+        header = f.read(104)
+        l1_offset = struct.unpack(">Q", header[40:48])[0]
+        f.seek(l1_offset)
+        l2_offset = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        f.seek(l2_offset)
+        f.write(struct.pack(">Q", (1 << 63) | l1_offset))
+    with our_nbd(image_at(recipe, img), tmp_path / "srv", writable=True) as srv:
+        h = connect(srv.uri)
+        with pytest.raises(nbd.Error) as failure:
+            h.pwrite(b"\x02" * 4096, 0)
+        assert failure.value.errno == errno.errorcode[errno.EIO], failure.value
+        assert h.pread(512, 512 * 1024) == bytes(512), "the connection goes on"
+        h.shutdown()
+    info = json.loads(qemu("qemu-img", "info", "--output=json", str(img)).stdout)
+    assert info["format-specific"]["data"]["corrupt"] is True
+    with open(img, "rb") as f:
+        f.seek(l1_offset)
+        assert struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00 == l2_offset, "L1 table untouched"
+    # A corrupt image is never opened for writing again; reading still works.
+    refused = subprocess.run(
+        [sys.executable, "-m", "nbdserver", "-k", str(tmp_path / "again.sock"), str(img)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "corrupt" in refused.stderr, refused.stderr
+    repaired = qemu("qemu-img", "check", "-r", "all", str(img), check=False)
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
