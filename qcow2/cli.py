@@ -62,6 +62,10 @@ def _cmd_resize(args: argparse.Namespace) -> int:
             size = disk.size + delta if text[0] == "+" else disk.size - delta
         else:
             size = parse_size(text)
+        if size % 512:
+            raise ValueError("The new size must be a multiple of 512")
+        if size < disk.size and not args.shrink:
+            raise ValueError("Use the --shrink option to perform a shrink operation.")
         disk.resize(size)
     finally:
         disk.close()
@@ -147,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_check)
     r = sub.add_parser("resize", help="grow an image, or shrink it when nothing allocated is cut off")
     r.add_argument("-f", "--format", choices=("qcow2", "raw"))
+    r.add_argument("--shrink", action="store_true", help="allow a smaller size (no data may be cut off)")
     r.add_argument("image")
     r.add_argument("size", help="new size, or +SIZE / -SIZE")
     r.set_defaults(func=_cmd_resize)
