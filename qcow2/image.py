@@ -21,6 +21,7 @@ from .refcount import Refcounts
 from .status import DATA, OFFSET_VALID, RECURSE, ZERO, Status
 
 MAX_CHAIN_DEPTH = 64
+MAX_FIDELITY_READ = 64 << 20  # bytes of snapshot/bitmap metadata read at open (QEMU's table limit)
 _LITTLE_ENDIAN = sys.byteorder == "little"
 L2_CACHE_BYTES = 32 << 20
 _ZEROS = bytes(1 << 20)
@@ -372,6 +373,8 @@ class Qcow2Image:
         h = self.header
         offset = h.snapshots_offset
         for _ in range(min(h.nb_snapshots, 65536)):
+            if offset - h.snapshots_offset > MAX_FIDELITY_READ:
+                return
             offset = (offset + 7) & ~7
             fixed = self.file.pread(offset, 40)
             extra, id_len, name_len = (
@@ -393,8 +396,8 @@ class Qcow2Image:
         if not 0 < size <= 64 << 20:
             return
         directory = self.file.pread(h.bitmaps["bitmap_directory_offset"], size)
-        pos = 0
-        while pos + 24 <= len(directory):
+        pos = budget = 0
+        while pos + 24 <= len(directory) and budget <= MAX_FIDELITY_READ:
             table_offset = int.from_bytes(directory[pos : pos + 8], "big")
             table_size = int.from_bytes(directory[pos + 8 : pos + 12], "big")
             name_size = int.from_bytes(directory[pos + 18 : pos + 20], "big")
@@ -402,8 +405,9 @@ class Qcow2Image:
             if table_offset and table_size <= 1 << 16:
                 table = struct.unpack(f">{table_size}Q", self.file.pread(table_offset, table_size * 8))
                 for entry in table:
-                    if entry & L.L2E_OFFSET_MASK:
+                    if entry & L.L2E_OFFSET_MASK and budget <= MAX_FIDELITY_READ:
                         self.file.pread(entry & L.L2E_OFFSET_MASK, self.cluster_size)
+                        budget += self.cluster_size
             pos += (24 + extra + name_size + 7) & ~7
 
     def metadata_preallocated(self) -> bool:
