@@ -78,6 +78,7 @@ class Connection:
         self._bytes = _ByteBudget(IN_FLIGHT_BYTES)
         self._stopping = False
         self._idle = False  # waiting for a request header, no byte of it received yet
+        self._unflushed: Export | None = None  # export written since this client's last FLUSH
 
     async def run(self) -> None:
         self._task = asyncio.current_task()
@@ -114,10 +115,26 @@ class Connection:
         finally:
             for task in self._requests:
                 task.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._flush_after_client()  # before the close the client may be waiting for
             self.stream.close()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self.stream.wait_closed()
             log.info("%s: closed", self.peer)
+
+    async def _flush_after_client(self) -> None:
+        """A client that wrote and left without FLUSH: persist its writes now.
+
+        The driver keeps metadata updates in memory until a flush; a client
+        leaving is the natural moment to put them on disk for the next reader.
+        """
+        export, self._unflushed = self._unflushed, None
+        if export is None or self._stopping:
+            return  # server shutdown closes (and so flushes) the disk itself
+        try:
+            await self.server.run_in_worker(export.disk.flush)
+        except Exception as e:
+            log.error("%s: flush after disconnect failed: %s", self.peer, e)
 
     def stop(self) -> None:
         """Server shutdown: start no new request; those received still get answered.
@@ -193,6 +210,10 @@ class Connection:
                 self.stream.writelines(commands.error_reply(req, negotiated.structured, error, message))
                 await self.stream.drain()
                 continue
+            if req.cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM):
+                self._unflushed = negotiated.export
+            elif req.cmd == Cmd.FLUSH:
+                self._unflushed = None
             payload = None
             inline = self.server.can_run_inline(req)
             if inline and req.payload_length:

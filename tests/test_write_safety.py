@@ -104,3 +104,16 @@ def test_write_onto_metadata_marks_the_image_corrupt(tmp_path: Path, recipe: Rec
     assert refused.returncode == 1 and "corrupt" in refused.stderr, refused.stderr
     repaired = qemu("qemu-img", "check", "-r", "all", str(img), check=False)
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+
+
+def test_writes_reach_the_file_when_the_client_leaves_without_flush(tmp_path: Path, recipe: Recipe) -> None:
+    img = tmp_path / "left.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M")
+    with our_nbd(image_at(recipe, img), tmp_path / "srv", writable=True) as srv:
+        h = connect(srv.uri)
+        h.pwrite(b"\x5a" * 65536, 1 * MiB)
+        h.zero(65536, 0)
+        h.shutdown()  # NBD_CMD_DISC without FLUSH; returns once the server closed the connection
+        # The server still runs; another reader of the file must see the writes.
+        seen = qemu("qemu-io", "-r", "-c", "read -P 0x5a 1M 64k", "-c", "read -P 0 0 64k", str(img))
+        assert "Pattern verification failed" not in seen.stdout + seen.stderr, seen.stdout
