@@ -12,7 +12,6 @@ import struct
 from construct import (
     Bytes,
     Const,
-    GreedyBytes,
     Int8ub,
     Int16ub,
     Int32ub,
@@ -113,8 +112,6 @@ SnapshotHeader = Struct(
     "name" / Bytes(this.name_size),
 )
 
-RawTail = GreedyBytes
-
 # Feature bits.
 INCOMPAT_DIRTY = 1 << 0
 INCOMPAT_CORRUPT = 1 << 1
@@ -148,4 +145,3 @@ QCOW_OFLAG_ZERO = 1 << 0
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
 U64 = struct.Struct(">Q")
-U64x2 = struct.Struct(">QQ")
