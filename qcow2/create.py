@@ -21,6 +21,7 @@ import struct
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import layout as L
 from .errors import ImageError
@@ -557,133 +558,117 @@ def build_header(
     return out + bytes(cs - len(out))
 
 
+@dataclass(frozen=True)
+class CreateOptions:
+    """``qemu-img create -o`` for qcow2, with qemu's defaults."""
+
+    cluster_size: int = DEFAULT_CLUSTER_SIZE
+    version: int = 3
+    lazy_refcounts: bool = False
+    extended_l2: bool = False
+    compression_type: str = "zlib"
+    refcount_bits: int = 16
+    data_file: str | None = None
+    data_file_raw: bool = False
+    preallocation: str = "off"
+    backing_file: str | None = None
+    backing_format: str | None = None
+
+
 def validate(
     size: int,
-    *,
-    cluster_size: int = DEFAULT_CLUSTER_SIZE,
-    version: int = 3,
-    lazy_refcounts: bool = False,
-    extended_l2: bool = False,
-    compression_type: str = "zlib",
-    refcount_bits: int = 16,
-    data_file: str | None = None,
-    data_file_raw: bool = False,
-    preallocation: str = "off",
-    backing_file: str | None = None,
-    backing_format: str | None = None,
+    o: CreateOptions,
 ) -> str:
     """qcow2_co_create's checks, in its order and with its messages; returns the effective prealloc."""
+    preallocation = o.preallocation
     if size < 0 or size > (1 << 63) - 1:
         raise CreateError(f"Invalid image size specified. Must be between 0 and {(1 << 63) - 1}.")
-    if version not in (2, 3):
-        raise CreateError(f"Parameter 'version' does not accept value '{version}'")
+    if o.version not in (2, 3):
+        raise CreateError(f"Parameter 'o.version' does not accept value '{o.version}'")
     if preallocation not in PREALLOC_MODES:
         raise CreateError(f"Parameter 'preallocation' does not accept value '{preallocation}'")
-    if compression_type not in COMPRESSION_TYPES:
-        raise CreateError(f"Parameter 'compression-type' does not accept value '{compression_type}'")
-    if extended_l2 and version < 3:
+    if o.compression_type not in COMPRESSION_TYPES:
+        raise CreateError(f"Parameter 'compression-type' does not accept value '{o.compression_type}'")
+    if o.extended_l2 and o.version < 3:
         raise CreateError(
             "Extended L2 entries are only supported with compatibility level 1.1 and above "
             "(use version=v3 or greater)"
         )
-    bits = cluster_size.bit_length() - 1
-    if not MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS or cluster_size != 1 << bits:
+    bits = o.cluster_size.bit_length() - 1
+    if not MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS or o.cluster_size != 1 << bits:
         raise CreateError(
             f"Cluster size must be a power of two between {1 << MIN_CLUSTER_BITS} and "
             f"{1 << (MAX_CLUSTER_BITS - 10)}k"
         )
-    if extended_l2 and cluster_size < (1 << MIN_CLUSTER_BITS) * EXTL2_SUBCLUSTERS:
+    if o.extended_l2 and o.cluster_size < (1 << MIN_CLUSTER_BITS) * EXTL2_SUBCLUSTERS:
         raise CreateError(
             "Extended L2 entries are only supported with cluster sizes of at least "
             f"{(1 << MIN_CLUSTER_BITS) * EXTL2_SUBCLUSTERS} bytes"
         )
-    if backing_file is not None and preallocation != "off" and not extended_l2:
+    if o.backing_file is not None and preallocation != "off" and not o.extended_l2:
         raise CreateError(
             "Backing file and preallocation can only be used at the same time if extended_l2 is on"
         )
-    if backing_format is not None and backing_file is None:
+    if o.backing_format is not None and o.backing_file is None:
         raise CreateError("Backing format cannot be used without backing file")
-    if version < 3 and lazy_refcounts:
+    if o.version < 3 and o.lazy_refcounts:
         raise CreateError(
             "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)"
         )
-    if refcount_bits <= 0 or refcount_bits > 64 or refcount_bits & (refcount_bits - 1):
+    if o.refcount_bits <= 0 or o.refcount_bits > 64 or o.refcount_bits & (o.refcount_bits - 1):
         raise CreateError("Refcount width must be a power of two and may not exceed 64 bits")
-    if version < 3 and refcount_bits != 16:
+    if o.version < 3 and o.refcount_bits != 16:
         raise CreateError(
             "Different refcount widths than 16 bits require compatibility level 1.1 or above "
             "(use version=v3 or greater)"
         )
-    if data_file_raw and data_file is None:
+    if o.data_file_raw and o.data_file is None:
         raise CreateError("data-file-raw requires data-file")
-    if data_file_raw and backing_file is not None:
+    if o.data_file_raw and o.backing_file is not None:
         raise CreateError("Backing file and data-file-raw cannot be used at the same time")
-    if data_file_raw and preallocation == "off":
+    if o.data_file_raw and preallocation == "off":
         preallocation = "metadata"  # the L2 tables must map the raw file 1:1
-    if data_file is not None and version < 3:
+    if o.data_file is not None and o.version < 3:
         raise CreateError(
             "External data files are only supported with compatibility level 1.1 and above "
             "(use version=v3 or greater)"
         )
-    if compression_type != "zlib" and version < 3:
+    if o.compression_type != "zlib" and o.version < 3:
         raise CreateError(
             "Non-zlib compression type is only supported with compatibility level 1.1 and above "
             "(use version=v3 or greater)"
         )
-    if backing_file is not None and len(os.fsencode(backing_file)) > MAX_BACKING_NAME:
+    if o.backing_file is not None and len(os.fsencode(o.backing_file)) > MAX_BACKING_NAME:
         raise CreateError(
-            f"Could not assign backing file '{backing_file}' with format '{backing_format}': Invalid argument"
+            f"Could not assign backing file '{o.backing_file}' with format '{o.backing_format}': "
+            "Invalid argument"
         )
     return preallocation
 
 
 def plan_image(
     size: int,
-    *,
-    cluster_size: int = DEFAULT_CLUSTER_SIZE,
-    version: int = 3,
-    lazy_refcounts: bool = False,
-    extended_l2: bool = False,
-    compression_type: str = "zlib",
-    refcount_bits: int = 16,
-    data_file: str | None = None,
-    data_file_raw: bool = False,
-    preallocation: str = "off",
-    backing_file: str | None = None,
-    backing_format: str | None = None,
+    o: CreateOptions,
 ) -> tuple[_Plan, bytes]:
     """Everything to write into the new qcow2 file: (metadata plan, cluster 0)."""
-    preallocation = validate(
-        size,
-        cluster_size=cluster_size,
-        version=version,
-        lazy_refcounts=lazy_refcounts,
-        extended_l2=extended_l2,
-        compression_type=compression_type,
-        refcount_bits=refcount_bits,
-        data_file=data_file,
-        data_file_raw=data_file_raw,
-        preallocation=preallocation,
-        backing_file=backing_file,
-        backing_format=backing_format,
-    )
+    preallocation = validate(size, o)
     size = -(-size // 512) * 512
-    cluster_bits = cluster_size.bit_length() - 1
-    refcount_order = refcount_bits.bit_length() - 1
-    a = _Allocator(cluster_bits, refcount_order, extended_l2, data_file is not None)
-    a.alloc_clusters(3 * cluster_size)  # header, reftable, first refblock
-    l2_span = cluster_size * a.l2_entries
+    cluster_bits = o.cluster_size.bit_length() - 1
+    refcount_order = o.refcount_bits.bit_length() - 1
+    a = _Allocator(cluster_bits, refcount_order, o.extended_l2, o.data_file is not None)
+    a.alloc_clusters(3 * o.cluster_size)  # header, reftable, first refblock
+    l2_span = o.cluster_size * a.l2_entries
     a.grow_l1(-(-size // l2_span))
     a.plan.data_file = (size, "off")
-    if preallocation == "metadata" or (preallocation != "off" and data_file is not None):
+    if preallocation == "metadata" or (preallocation != "off" and o.data_file is not None):
         end = a.preallocate_metadata(size)
         # When the disk ends inside a (sub)cluster, qemu 7.2 copies the rest of
         # it (zeros) on write: that allocates the tail and sizes the file.
         # Otherwise the file is simply truncated to the end.
-        unit = cluster_size // EXTL2_SUBCLUSTERS if extended_l2 else cluster_size
+        unit = o.cluster_size // EXTL2_SUBCLUSTERS if o.extended_l2 else o.cluster_size
         rounded = -(-end // unit) * unit
         cow = (end, rounded) if end != rounded else None
-        if data_file is not None:
+        if o.data_file is not None:
             a.plan.data_file = (
                 rounded,
                 "cow" if cow else preallocation if preallocation != "metadata" else "off",
@@ -696,28 +681,28 @@ def plan_image(
     elif preallocation in ("falloc", "full"):
         a.preallocate_data_area(size, preallocation)
     incompatible = 0
-    if data_file is not None:
+    if o.data_file is not None:
         incompatible |= L.INCOMPAT_DATA_FILE
-    if compression_type != "zlib":
+    if o.compression_type != "zlib":
         incompatible |= L.INCOMPAT_COMPRESSION
-    if extended_l2:
+    if o.extended_l2:
         incompatible |= L.INCOMPAT_EXTL2
     header = build_header(
-        version=version,
+        version=o.version,
         cluster_bits=cluster_bits,
         size=size,
         l1_size=len(a.l1),
         l1_offset=a.l1_offset,
         reftable_offset=a.reftable_offset,
-        reftable_clusters=len(a.reftable) * 8 // cluster_size,
+        reftable_clusters=len(a.reftable) * 8 // o.cluster_size,
         incompatible=incompatible,
-        compatible=L.COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
-        autoclear=L.AUTOCLEAR_DATA_FILE_RAW if data_file_raw else 0,
+        compatible=L.COMPAT_LAZY_REFCOUNTS if o.lazy_refcounts else 0,
+        autoclear=L.AUTOCLEAR_DATA_FILE_RAW if o.data_file_raw else 0,
         refcount_order=refcount_order,
-        compression_type=COMPRESSION_TYPES[compression_type],
-        backing_file=backing_file,
-        backing_format=backing_format,
-        data_file=data_file,
+        compression_type=COMPRESSION_TYPES[o.compression_type],
+        backing_file=o.backing_file,
+        backing_format=o.backing_format,
+        data_file=o.data_file,
     )
     return a.plan, header
 
@@ -758,18 +743,7 @@ def _create_file(path: str) -> int:
 def create_image(
     filename: str,
     size: int,
-    *,
-    cluster_size: int = DEFAULT_CLUSTER_SIZE,
-    version: int = 3,
-    lazy_refcounts: bool = False,
-    extended_l2: bool = False,
-    compression_type: str = "zlib",
-    refcount_bits: int = 16,
-    data_file: str | None = None,
-    data_file_raw: bool = False,
-    preallocation: str = "off",
-    backing_file: str | None = None,
-    backing_format: str | None = None,
+    **options: Any,
 ) -> None:
     """Create ``filename`` as ``qemu-img create -f qcow2`` would, byte for byte where it can.
 
@@ -779,20 +753,8 @@ def create_image(
     Raises :class:`CreateError` with qemu-img's message; on failure the new
     files are removed, as qemu does.
     """
-    plan, header = plan_image(
-        size,
-        cluster_size=cluster_size,
-        version=version,
-        lazy_refcounts=lazy_refcounts,
-        extended_l2=extended_l2,
-        compression_type=compression_type,
-        refcount_bits=refcount_bits,
-        data_file=data_file,
-        data_file_raw=data_file_raw,
-        preallocation=preallocation,
-        backing_file=backing_file,
-        backing_format=backing_format,
-    )
+    opts = CreateOptions(**options)
+    plan, header = plan_image(size, opts)
     created: list[str] = []
     try:
         fd = _create_file(filename)
@@ -808,9 +770,9 @@ def create_image(
             os.fsync(fd)
         finally:
             os.close(fd)
-        if data_file is not None:
-            dfd = _create_file(data_file)
-            created.append(data_file)
+        if opts.data_file is not None:
+            dfd = _create_file(opts.data_file)
+            created.append(opts.data_file)
             try:
                 _size_data_file(dfd, plan)
                 os.fsync(dfd)
