@@ -50,11 +50,16 @@ class Opt(IntEnum):
     EXTENDED_HEADERS = 11
 
 
-def opt_name(code: int) -> str:
+def _name(kind: type[IntEnum], code: int, what: str) -> str:
+    """The constant's name for logs, or ``what`` and the number when unknown."""
     try:
-        return Opt(code).name
+        return kind(code).name
     except ValueError:
-        return f"option {code}"
+        return f"{what} {code}"
+
+
+def opt_name(code: int) -> str:
+    return _name(Opt, code, "option")
 
 
 REP_ERROR_BIT = 1 << 31
@@ -115,10 +120,7 @@ class Cmd(IntEnum):
 
 
 def cmd_name(code: int) -> str:
-    try:
-        return Cmd(code).name
-    except ValueError:
-        return f"command {code}"
+    return _name(Cmd, code, "command")
 
 
 class CmdFlag(IntFlag):

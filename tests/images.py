@@ -514,43 +514,21 @@ def _compress_write_zstd(rc: Recipe) -> Image:
     return rc.image("c.qcow2")
 
 
-@case("compress-convert-zlib")
-def _compress_convert_zlib(rc: Recipe) -> Image:
-    src = _pattern_raw(rc)
-    rc.img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zlib", src, "c.qcow2")
-    return rc.image("c.qcow2")
+def _compress_convert(opts: str) -> Builder:
+    """``qemu-img convert -c`` of the pattern file: mixed compressible and random clusters."""
+
+    def build(rc: Recipe) -> Image:
+        src = _pattern_raw(rc)
+        rc.img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, src, "c.qcow2")
+        return rc.image("c.qcow2")
+
+    return build
 
 
-@case("compress-convert-zstd")
-def _compress_convert_zstd(rc: Recipe) -> Image:
-    src = _pattern_raw(rc)
-    rc.img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zstd", src, "c.qcow2")
-    return rc.image("c.qcow2")
-
-
-@case("compress-convert-zstd-4k")
-def _compress_convert_zstd_4k(rc: Recipe) -> Image:
-    src = _pattern_raw(rc)
-    rc.img(
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        "compression_type=zstd,cluster_size=4096",
-        src,
-        "c.qcow2",
-    )
-    return rc.image("c.qcow2")
-
-
-@case("compress-convert-zlib-512")
-def _compress_convert_zlib_512(rc: Recipe) -> Image:
-    src = _pattern_raw(rc)
-    rc.img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=512", src, "c.qcow2")
-    return rc.image("c.qcow2")
+case("compress-convert-zlib")(_compress_convert("compression_type=zlib"))
+case("compress-convert-zstd")(_compress_convert("compression_type=zstd"))
+case("compress-convert-zstd-4k")(_compress_convert("compression_type=zstd,cluster_size=4096"))
+case("compress-convert-zlib-512")(_compress_convert("cluster_size=512"))
 
 
 # -- extended L2 ---------------------------------------------------------
