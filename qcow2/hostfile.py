@@ -89,8 +89,7 @@ class HostFile:
         self.readinto(offset + len(data), view[len(data) :])
         return bytes(buf)
 
-    def read(self, offset: int, length: int) -> bytes:
-        return self.pread(offset, length)
+    read = pread  # the layer surface's name for it
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         done = 0

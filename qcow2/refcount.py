@@ -97,10 +97,6 @@ class Refcounts:
         mask = (1 << bits) - 1
         return [(byte >> (i * bits)) & mask for byte in blk for i in range(8 // bits)]
 
-    def get(self, cluster: int) -> int:
-        blk = self._block(cluster // self.entries_per_block)
-        return 0 if blk is None else self._get_entry(blk, cluster % self.entries_per_block)
-
     def _get_entry(self, blk: bytearray, i: int) -> int:
         bits = self.bits
         if bits >= 8:
