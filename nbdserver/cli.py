@@ -79,7 +79,7 @@ def open_export(args: argparse.Namespace) -> Export:
     except Exception as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise StartupError(f"cannot open {args.image}: {msg}") from None
-    return Export(args.export_name, disk, args.description)
+    return Export(args.export_name, disk, args.description, multi_conn=args.shared != 1)
 
 
 def listen(args: argparse.Namespace) -> socket.socket:

@@ -1,20 +1,25 @@
 """Command handlers: run one valid request against the disk, return the reply.
 
-Handlers are plain blocking functions (the server runs them in worker
-threads) that return the reply as a list of buffers for ``writelines``:
-small headers plus memoryviews of the read buffer, never a concatenation of
-bulk data.  They know nothing of sockets, so they are tested directly.
+Handlers are plain blocking functions that return the reply as a list of
+buffers for ``writelines``: small headers plus the read buffers, never a
+concatenation of bulk data.  :func:`run` admits each request through the
+export's gate (the disk's thread model); the server calls it on the event
+loop with ``wait=False`` for small requests and in a worker otherwise.
+They know nothing of sockets, so they are tested directly.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Callable
 
+from qcow2.contract import Access, WouldBlock, without_waiting
+
 from . import wire
-from .constants import Cmd, CmdFlag, Err, cmd_name
-from .export import CONTEXTS, Export, block_status, read_plan
+from .constants import MAX_EXTENTS, Cmd, CmdFlag, Err, cmd_name
+from .export import CONTEXTS, BlockStatusReply, Export
 from .handshake import Negotiated
 from .requests import Request
 
@@ -24,6 +29,14 @@ _NO_HOLE, _FAST_ZERO = int(CmdFlag.NO_HOLE), int(CmdFlag.FAST_ZERO)
 
 Buffers = list[bytes | memoryview]
 Handler = Callable[[Export, Request, Negotiated, "memoryview | None"], Buffers]
+# Long block status is computed in slices: each slice one turn at the gate (writers get in
+# between) and at most SLICE_SECONDS of CPU, after which the worker lets go of the GIL for
+# YIELD_SECONDS.  Without that pause, CPython's GIL convoy starves the event loop: every time
+# the loop thread gives the GIL up for a system call, it waits a whole switch interval to get
+# it back, and one 4 KiB read of another client took as long as the whole map.
+STATUS_SLICE = 4096
+SLICE_SECONDS = 0.004
+YIELD_SECONDS = 0.0005
 
 
 def error_reply(req: Request, structured: bool, error: int, message: str) -> Buffers:
@@ -69,40 +82,50 @@ def do_read(export: Export, req: Request, state: Negotiated, payload: memoryview
         return ok_reply(req, structured)
     disk = export.disk
     if not structured or req.flags & _DF:
-        data = _read(disk, offset, length)
+        data = disk.read(offset, length)
         if structured:
             return [wire.data_chunk_header(cookie, offset, length, done=True), data]
         return [wire.simple_reply(cookie), data]
-    runs = read_plan(disk.extents(offset, length), offset, length)
+    runs = disk.read_sparse(offset, length)
     out: Buffers = []
     last = len(runs) - 1
-    for i, (start, size, zero) in enumerate(runs):
-        if zero:
+    for i, (start, size, data) in enumerate(runs):
+        if data is None:
             out.append(wire.hole_chunk(cookie, start, size, done=i == last))
         else:
             out.append(wire.data_chunk_header(cookie, start, size, done=i == last))
-            out.append(_read(disk, start, size))
+            out.append(data)
     return out
 
 
-def _read(disk, offset: int, length: int) -> bytes | bytearray | memoryview:
-    """A buffer of the guest bytes: the disk's own read() when it has one.
-
-    Disks that can (qcow2, raw) hand back a buffer the kernel filled directly,
-    skipping the zero-fill of a fresh bytearray on every request.
-    """
-    read = getattr(disk, "read", None)
-    if read is not None:
-        return read(offset, length)
-    buf = bytearray(length)
-    disk.readinto(offset, memoryview(buf))
-    return buf
-
-
 def do_block_status(export: Export, req: Request, state: Negotiated, payload: memoryview | None) -> Buffers:
+    """Extents in slices of at most STATUS_SLICE, each slice one turn at the gate.
+
+    At most MAX_EXTENTS descriptors per context (qemu-nbd's cap): a client
+    asks again from where the reply ended.  Between slices, requests that
+    were waiting (writes) get their turn; what the reply describes may then
+    mix the states before and after them, as for any overlapping requests.
+    """
     mappers = [CONTEXTS[name] for _, name in state.contexts]
-    extents = export.disk.extents(req.offset, req.length)
-    per_context = block_status(extents, req.length, mappers, req_one=bool(req.flags & _REQ_ONE))
+    reply = BlockStatusReply(req.length, mappers, req_one=bool(req.flags & _REQ_ONE), limit=MAX_EXTENTS)
+    disk, gate = export.disk, export.gate
+    start, end = req.offset, req.offset + req.length
+    while not reply.complete:
+        pos = start + reply.done
+        if pos >= end:
+            break
+        count = 0
+        deadline = time.monotonic() + SLICE_SECONDS
+        with gate.entered(Access.READ):
+            for e in disk.extents(pos, end - pos):
+                count += 1
+                if reply.add(e) or count >= STATUS_SLICE or (count & 63 == 0 and time.monotonic() > deadline):
+                    break
+        if not count:
+            break
+        if not reply.complete:
+            time.sleep(YIELD_SECONDS)
+    per_context = reply.descriptors
     if any(not d for d in per_context):
         return error_reply(req, True, Err.EIO, "the disk returned no extents")
     last = len(per_context) - 1
@@ -160,10 +183,8 @@ def do_flush(export: Export, req: Request, state: Negotiated, payload: memoryvie
 
 
 def do_cache(export: Export, req: Request, state: Negotiated, payload: memoryview | None) -> Buffers:
-    """A hint: disks that can prefetch offer ``cache(offset, length)``; success either way."""
-    cache = getattr(export.disk, "cache", None)
-    if cache is not None:
-        cache(req.offset, req.length)
+    """A hint: the disk may prefetch; success either way."""
+    export.disk.cache(req.offset, req.length)
     return ok_reply(req, state.structured)
 
 
@@ -178,14 +199,56 @@ HANDLERS: dict[int, Handler] = {
 }
 
 
-def run(export: Export, req: Request, state: Negotiated, payload: memoryview | None = None) -> Buffers:
-    """Run a request that passed :func:`~nbdserver.requests.check`; errors become error replies."""
+# The group each command belongs to for the disk's thread model.
+ACCESS: dict[int, Access] = {
+    Cmd.READ: Access.READ,
+    Cmd.CACHE: Access.READ,
+    Cmd.BLOCK_STATUS: Access.READ,
+    Cmd.FLUSH: Access.FLUSH,
+    Cmd.WRITE: Access.WRITE,
+    Cmd.WRITE_ZEROES: Access.WRITE,
+    Cmd.TRIM: Access.WRITE,
+}
+SELF_GATED = frozenset({Cmd.BLOCK_STATUS})  # takes its turns at the gate slice by slice
+
+
+def run(
+    export: Export, req: Request, state: Negotiated, payload: memoryview | None = None, wait: bool = True
+) -> Buffers | None:
+    """Run a request that passed :func:`~nbdserver.requests.check`; errors become error replies.
+
+    ``wait=False`` (the event loop): None instead of waiting, at the gate or
+    for the device (a read that would leave the page cache), and for requests
+    that take several turns at the gate; the caller then runs the request in
+    a worker.  Writes are never refused halfway: only reads are tried without
+    waiting for the device.
+    """
     handler = HANDLERS.get(req.cmd)
     if handler is None:
         return error_reply(req, state.structured, Err.EINVAL, "command not implemented")
+    access = ACCESS[req.cmd]
+    gated = req.cmd not in SELF_GATED
+    if not gated and not wait:
+        return None
+    if gated and not export.gate.enter(access, wait):
+        return None
     try:
-        return handler(export, req, state, payload)
+        if wait or access != Access.READ:
+            return handler(export, req, state, payload)
+        with without_waiting():
+            return handler(export, req, state, payload)
     except Exception as e:  # a disk failure fails this request only
+        if isinstance(e, WouldBlock) and not wait:
+            return None  # not in memory: the caller runs it in a worker
         error = error_for(e)
         log.warning("%s at offset %d, length %d failed: %s", cmd_name(req.cmd), req.offset, req.length, e)
         return error_reply(req, state.structured, error, f"{type(e).__name__}: {e}")
+    finally:
+        if gated:
+            export.gate.leave(access)
+
+
+def flush(export: Export) -> None:
+    """A flush outside any request (a client that wrote and left), through the gate."""
+    with export.gate.entered(Access.FLUSH):
+        export.disk.flush()

@@ -22,7 +22,10 @@ PREFERRED_BLOCK_SIZE = 4096
 MAX_PAYLOAD = 32 * 1024 * 1024  # largest READ/WRITE we accept; advertised in NBD_INFO_BLOCK_SIZE
 MAX_STRING = 4096  # spec: names, descriptions, messages must not be longer
 MAX_OPTION_LENGTH = 64 * 1024  # option data above this is abuse: drop the client
-MAX_EXTENTS = 1 << 20  # descriptors per BLOCK_STATUS chunk (spec: SHOULD NOT exceed)
+# Descriptors per BLOCK_STATUS chunk: 1 MiB of them, qemu-nbd's cap (the spec's ceiling is 2^20).
+# A client asks again from where a reply ended, so a whole-disk query on a fragmented image comes
+# back in pieces instead of one reply that ties up the server for seconds.
+MAX_EXTENTS = (1 << 20) // 8
 EXPORT_NAME_PADDING = 124  # zero bytes after the EXPORT_NAME reply unless NO_ZEROES
 
 

@@ -1,16 +1,17 @@
 """What one export offers: its flags, its metadata contexts, its extent maths.
 
-Everything here is pure: it turns a disk's capabilities into transmission
-flags and a disk's :class:`~qcow2.device.Extent` stream into NBD block-status
-descriptors or READ chunk plans.  No sockets, no asyncio.
+Everything here is pure: it turns a disk's capabilities (the
+:class:`qcow2.contract.Disk` contract) into transmission flags and a disk's
+:class:`~qcow2.contract.Extent` stream into NBD block-status descriptors.
+No sockets, no asyncio.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from qcow2.device import Disk, Extent
+from qcow2.contract import Disk, Extent
 
 from .constants import (
     CTX_ALLOCATION_DEPTH,
@@ -20,6 +21,7 @@ from .constants import (
     STATE_ZERO,
     TFlag,
 )
+from .gate import RequestGate
 
 
 def base_allocation(e: Extent) -> int:
@@ -59,11 +61,20 @@ def select_contexts(queries: Sequence[str]) -> list[str]:
 
 @dataclass
 class Export:
-    """A disk under a name; capabilities come from the disk, not from here."""
+    """A disk under a name; capabilities come from the disk's contract, not from here.
+
+    ``multi_conn``: more than one client may connect (with ``-e 1`` a second
+    connection would only wait, so CAN_MULTI_CONN must not invite one).
+    """
 
     name: str
     disk: Disk
     description: str = ""
+    multi_conn: bool = True
+    gate: RequestGate = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.gate = RequestGate(self.disk.thread_model)
 
     @property
     def size(self) -> int:
@@ -71,30 +82,91 @@ class Export:
 
     @property
     def writable(self) -> bool:
-        return not self.disk.read_only and bool(getattr(self.disk, "can_write", False))
+        return self.disk.can_write
 
     def transmission_flags(self, structured: bool) -> TFlag:
         """Flags for this export on a connection that did (not) negotiate structured replies.
 
-        CAN_MULTI_CONN holds because every connection shares one Disk object
-        in one process: a flush on any connection covers them all.
+        CAN_MULTI_CONN needs a disk that promises it (every connection shares
+        one disk object in one process, so a flush on any covers all) and a
+        server that lets a second client in.
         """
-        flags = TFlag.HAS_FLAGS | TFlag.SEND_FLUSH | TFlag.SEND_FUA | TFlag.SEND_CACHE | TFlag.CAN_MULTI_CONN
+        disk = self.disk
+        flags = TFlag.HAS_FLAGS
+        if disk.can_cache:
+            flags |= TFlag.SEND_CACHE
+        if disk.can_flush:
+            flags |= TFlag.SEND_FLUSH
+        if disk.can_fua:
+            flags |= TFlag.SEND_FUA
+        if disk.can_multi_conn and self.multi_conn:
+            flags |= TFlag.CAN_MULTI_CONN
         if structured:
             flags |= TFlag.SEND_DF
         if not self.writable:
             return flags | TFlag.READ_ONLY
-        disk = self.disk
-        if getattr(disk, "can_trim", False):
+        if disk.can_trim:
             flags |= TFlag.SEND_TRIM
-        if getattr(disk, "can_zero", False):
-            flags |= TFlag.SEND_WRITE_ZEROES
-            if getattr(disk, "can_fast_zero", False):
-                flags |= TFlag.SEND_FAST_ZERO
+        flags |= TFlag.SEND_WRITE_ZEROES  # without can_zero the disk writes zero bytes
+        if disk.can_fast_zero:
+            flags |= TFlag.SEND_FAST_ZERO
         return flags
 
 
 Descriptors = list[tuple[int, int]]  # (length, status)
+
+
+class BlockStatusReply:
+    """Descriptors per context for one BLOCK_STATUS request, built extent by extent.
+
+    Equal neighbours merge; each context stops at ``limit`` descriptors (or at
+    one with ``req_one``), and :attr:`complete` turns true as soon as every
+    context is full or the request's ``length`` is covered, so REQ_ONE on a
+    huge range stays cheap.  Totals never exceed ``length`` (the last extent
+    is clipped to the request, as qemu-nbd does).
+    """
+
+    def __init__(
+        self,
+        length: int,
+        mappers: Sequence[Callable[[Extent], int]],
+        req_one: bool = False,
+        limit: int = MAX_EXTENTS,
+    ) -> None:
+        self.length = length
+        self.mappers = mappers
+        self.cap = 1 if req_one else limit
+        self.descriptors: list[Descriptors] = [[] for _ in mappers]
+        self._open = [True] * len(mappers)
+        self._remaining = len(mappers)
+        self.done = 0  # bytes described
+        self.complete = not mappers or length <= 0
+
+    def add(self, e: Extent) -> bool:
+        """Take the next extent; True once the reply is complete."""
+        n = min(e.length, self.length - self.done)
+        if n <= 0:
+            return self.complete
+        cap = self.cap
+        for i, mapper in enumerate(self.mappers):
+            if not self._open[i]:
+                continue
+            status = mapper(e)
+            d = self.descriptors[i]
+            if d and d[-1][1] == status:
+                d[-1] = (d[-1][0] + n, status)
+            elif len(d) < cap:
+                d.append((n, status))
+            else:
+                self._open[i] = False
+                self._remaining -= 1
+        if self._remaining == 0:
+            self.complete = True
+            return True
+        self.done += n
+        if self.done >= self.length:
+            self.complete = True
+        return self.complete
 
 
 def block_status(
@@ -104,67 +176,9 @@ def block_status(
     req_one: bool = False,
     limit: int = MAX_EXTENTS,
 ) -> list[Descriptors]:
-    """Descriptors per context for a range of ``length`` bytes starting at the extents' start.
-
-    Equal neighbours merge; each context stops at ``limit`` descriptors (or at
-    one with ``req_one``), and the pass over the disk stops as soon as every
-    context is complete, so REQ_ONE on a huge range stays cheap.  Totals never
-    exceed ``length``: the caller asks the disk for the request range only,
-    which also keeps the last extent inside the export (as qemu-nbd does).
-    """
-    cap = 1 if req_one else limit
-    out: list[Descriptors] = [[] for _ in mappers]
-    open_ = [True] * len(mappers)
-    remaining = len(mappers)
-    done = 0
+    """Descriptors per context for ``length`` bytes described by ``extents`` (see BlockStatusReply)."""
+    reply = BlockStatusReply(length, mappers, req_one, limit)
     for e in extents:
-        n = min(e.length, length - done)
-        if n <= 0:
-            continue
-        for i, mapper in enumerate(mappers):
-            if not open_[i]:
-                continue
-            status = mapper(e)
-            d = out[i]
-            if d and d[-1][1] == status:
-                d[-1] = (d[-1][0] + n, status)
-            elif len(d) < cap:
-                d.append((n, status))
-            else:
-                open_[i] = False
-                remaining -= 1
-        if remaining == 0:
+        if reply.add(e):
             break
-        done += n
-        if done >= length:
-            break
-    return out
-
-
-def read_plan(extents: Iterable[Extent], offset: int, length: int) -> list[tuple[int, int, bool]]:
-    """Split a READ into runs ``(offset, length, zero)``: zero runs become OFFSET_HOLE chunks.
-
-    Adjacent runs of the same kind merge, so neighbouring data extents go out
-    as one OFFSET_DATA chunk.
-    """
-    runs: list[tuple[int, int, bool]] = []
-    pos, end = offset, offset + length
-    for e in extents:
-        n = min(e.length, end - pos)
-        if n <= 0:
-            if pos >= end:
-                break
-            continue
-        if runs and runs[-1][2] == e.zero:
-            start, size, zero = runs[-1]
-            runs[-1] = (start, size + n, zero)
-        else:
-            runs.append((pos, n, e.zero))
-        pos += n
-    if pos < end:  # the disk described less than asked: read the rest as data
-        if runs and not runs[-1][2]:
-            start, size, _ = runs[-1]
-            runs[-1] = (start, size + end - pos, False)
-        else:
-            runs.append((pos, end - pos, False))
-    return runs
+    return reply.descriptors

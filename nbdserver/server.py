@@ -2,8 +2,13 @@
 
 Protocol decisions come from :mod:`.handshake`, :mod:`.requests` and
 :mod:`.commands`; this module only reads what they ask for, writes what they
-return, and keeps one misbehaving client from hurting the others.  Disk work
-runs in worker threads so a slow read never stalls other connections.
+return, and keeps one misbehaving client from hurting the others.
+
+Where a request runs: small reads and writes are tried on the event loop
+(cheaper than a hop to a thread), but only if the disk's gate admits them
+at once; everything else, and whatever the gate would make wait, runs in a
+pool of worker threads, where requests the disk's thread model lets overlap
+really do (host reads release the GIL).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import socket
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
+
+from qcow2.contract import ThreadModel
 
 from . import commands
 from .constants import Cmd, Err, cmd_name
@@ -33,6 +40,7 @@ INLINE_MAX = 64 * 1024  # reads up to this size run on the event loop, not in a 
 # Small requests cost less than a hop to a worker thread and back: page-cache
 # reads, and writes that touch a few clusters.  FLUSH and FUA (an fsync) never.
 INLINE_COMMANDS = frozenset({Cmd.READ, Cmd.CACHE, Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM})
+WORKERS = 8  # threads for disk work when a disk lets calls overlap
 _FUA = 1
 ACCEPT_RETRY_DELAY = 0.1  # back-off after a failed accept() (e.g. out of file descriptors)
 SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish after SIGTERM
@@ -132,7 +140,7 @@ class Connection:
         if export is None or self._stopping:
             return  # server shutdown closes (and so flushes) the disk itself
         try:
-            await self.server.run_in_worker(export.disk.flush)
+            await self.server.run_in_worker(commands.flush, export)
         except Exception as e:
             log.error("%s: flush after disconnect failed: %s", self.peer, e)
 
@@ -215,15 +223,15 @@ class Connection:
             elif req.cmd == Cmd.FLUSH:
                 self._unflushed = None
             payload = None
-            inline = self.server.can_run_inline(req)
-            if inline and req.payload_length:
-                payload = memoryview(bytearray(req.payload_length))
-                await stream.readinto(payload)
-                inline = self.server.can_run_inline(req)  # a worker may have started meanwhile
-            if inline:
-                self.stream.writelines(commands.run(negotiated.export, req, negotiated, payload))
-                await self.stream.drain()
-                continue
+            if self.server.can_run_inline(req):
+                if req.payload_length:
+                    payload = memoryview(bytearray(req.payload_length))
+                    await stream.readinto(payload)
+                buffers = commands.run(negotiated.export, req, negotiated, payload, wait=False)
+                if buffers is not None:
+                    self.stream.writelines(buffers)
+                    await self.stream.drain()
+                    continue
             await self._slots.acquire()
             held = await self._bytes.acquire(req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0)
             if req.payload_length and payload is None:  # received straight into a buffer of its size
@@ -274,38 +282,21 @@ class Server:
         self.exports = exports
         self.connections: set[Connection] = set()
         self._slots = asyncio.Semaphore(max_clients) if max_clients > 0 else None
-        self._thread_safe = all(getattr(e.disk, "thread_safe", False) for e in exports.values())
-        self._busy = 0  # worker jobs not finished yet
         if workers is None:
-            workers = 8 if self._thread_safe else 1  # a disk not known to be thread-safe gets one worker
+            serial = all(e.disk.thread_model == ThreadModel.SERIALIZE_ALL_REQUESTS for e in exports.values())
+            workers = 1 if serial else WORKERS
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
         self._tasks: set[asyncio.Task] = set()
         self._accepted = 0
 
-    def can_run_inline(self, req: Request) -> bool:
-        """Small reads and writes cost less than a hop to a worker thread.
-
-        A disk not known to be thread-safe is touched inline only while no
-        worker is using it, so its calls stay serialised.
-        """
-        return (
-            req.cmd in INLINE_COMMANDS
-            and req.length <= INLINE_MAX
-            and not req.flags & _FUA
-            and (self._thread_safe or not self._busy)
-        )
+    @staticmethod
+    def can_run_inline(req: Request) -> bool:
+        """Worth trying on the event loop: a small request without FUA (the gate decides the rest)."""
+        return req.cmd in INLINE_COMMANDS and req.length <= INLINE_MAX and not req.flags & _FUA
 
     async def run_in_worker(self, fn: Callable[..., T], *args: object) -> T:
-        """Run a blocking disk call on the worker pool."""
-        loop = asyncio.get_running_loop()
-        job = self._executor.submit(fn, *args)
-        self._busy += 1
-        # Counted down when the job really ends, even if the awaiting request was cancelled.
-        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._job_done))
-        return await asyncio.wrap_future(job)
-
-    def _job_done(self) -> None:
-        self._busy -= 1
+        """Run a blocking call on the worker pool."""
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
 
     async def accept_loop(self, listener: socket.socket) -> None:
         """Accept clients until cancelled; with ``max_clients``, wait for a free slot first."""

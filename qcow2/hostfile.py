@@ -1,7 +1,11 @@
-"""A host file as a layer: raw images, data files and the file under a qcow2 image.
+"""Host files: raw images, data files and the file under a qcow2 image.
 
-Block status comes from SEEK_DATA/SEEK_HOLE, as in QEMU's file-posix driver,
-so holes in sparse files read as zeros and say so.
+The host-file layer is where bytes meet descriptors: every read, write,
+sync, hole punch and truncate of the driver goes through :class:`HostFile`
+(the qcow2 metadata owner decides *when*, this layer only *does*).  A host
+file is also a layer of a chain: block status comes from SEEK_DATA/SEEK_HOLE,
+as in QEMU's file-posix driver, so holes in sparse files read as zeros and
+say so.  Its calls may come from several threads at once (positioned I/O).
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ import ctypes.util
 import errno
 import os
 
+from .contract import WouldBlock, waiting_allowed
 from .status import DATA, OFFSET_VALID, ZERO, Status
 
 SECTOR = 512
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+_ZEROS = bytes(1 << 20)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -29,15 +35,29 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def zero_fill(part: memoryview) -> None:
+    """Fill a buffer with zeros (in slices of one shared zero block, no allocation)."""
+    n = len(part)
+    pos = 0
+    while pos < n:
+        k = min(n - pos, len(_ZEROS))
+        part[pos : pos + k] = _ZEROS[:k]
+        pos += k
+
+
 class HostFile:
     """A plain file; its size is rounded up to 512 bytes as QEMU sees it."""
 
     supports_backing = False
     backing = None
 
-    def __init__(self, filename: str, writable: bool = False) -> None:
+    def __init__(self, filename: str, writable: bool = False, *, create: bool = False) -> None:
         self.filename = filename
-        self.fd = os.open(filename, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        flags = os.O_RDWR if writable or create else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT | os.O_TRUNC
+        self.fd = os.open(filename, flags | os.O_CLOEXEC, 0o644)
+        self.can_nowait = hasattr(os, "RWF_NOWAIT")  # until the filesystem says otherwise
         self.refresh_size()
 
     def refresh_size(self) -> None:
@@ -67,6 +87,8 @@ class HostFile:
         """Read ``len(buf)`` bytes; bytes past the end of the file read as zeros."""
         want = len(buf)
         done = 0
+        if not waiting_allowed():
+            done = self._read_cached(offset, buf)
         while done < want:
             n = os.preadv(self.fd, [buf[done:]], offset + done)
             if n == 0:
@@ -80,6 +102,10 @@ class HostFile:
         os.pread hands the kernel a fresh, uninitialised buffer: no zero-fill
         and no copy on the common path of a full read.
         """
+        if not waiting_allowed():
+            buf = bytearray(length)
+            self.readinto(offset, memoryview(buf))
+            return buf
         data = os.pread(self.fd, length, offset)
         if len(data) == length:
             return data
@@ -90,6 +116,30 @@ class HostFile:
         return bytes(buf)
 
     read = pread  # the layer surface's name for it
+
+    def _read_cached(self, offset: int, buf: memoryview) -> int:
+        """What the page cache holds of the range (RWF_NOWAIT); WouldBlock where it stops short.
+
+        Returns the bytes read: all of them, or where the file ends (the caller
+        zero-fills), or 0 when the filesystem cannot tell (the caller reads).
+        """
+        if not self.can_nowait:
+            return 0
+        want, done = len(buf), 0
+        while done < want:
+            try:
+                n = os.preadv(self.fd, [buf[done:]], offset + done, os.RWF_NOWAIT)
+            except OSError as e:
+                if e.errno == errno.EAGAIN:
+                    raise WouldBlock(errno.EAGAIN, f"{self.filename}: not in the page cache") from None
+                if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    self.can_nowait = False
+                    return done
+                raise
+            if n == 0:
+                return done  # end of file
+            done += n
+        return done
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         done = 0
@@ -124,9 +174,24 @@ class HostFile:
             return
         if fast:
             raise OSError(errno.ENOTSUP, "zeroing this range needs data writes")
-        zeros = bytes(min(length, 1 << 20))
-        for pos in range(offset, offset + length, len(zeros)):
-            self.write(pos, memoryview(zeros)[: min(len(zeros), offset + length - pos)])
+        self.write_zero_bytes(offset, length)
+
+    def write_zero_bytes(self, offset: int, length: int) -> None:
+        """Zeros written as data (where zero_range cannot, or the blocks must be allocated)."""
+        end = offset + length
+        while offset < end:
+            n = min(end - offset, len(_ZEROS))
+            self.write(offset, memoryview(_ZEROS)[:n])
+            offset += n
+
+    def preallocate(self, offset: int, length: int) -> None:
+        """Reserve blocks (posix_fallocate): later writes there cannot fail with ENOSPC."""
+        os.posix_fallocate(self.fd, offset, length)
+        self.refresh_size()
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        self.refresh_size()
 
     def trim(self, offset: int, length: int) -> None:
         try:
@@ -137,6 +202,10 @@ class HostFile:
 
     def flush(self) -> None:
         os.fsync(self.fd)
+
+    def resize(self, size: int) -> None:
+        """A raw disk's new size (QEMU rounds raw sizes to whole sectors too)."""
+        self.truncate(size)
 
     def close(self) -> None:
         if self.fd >= 0:

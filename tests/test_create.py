@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from qcow2 import cli
-from qcow2.create import CreateError, create_image, encode_refcounts, parse_size
+from qcow2.create import CreateError, create_image, parse_size
+from qcow2.format.refblock import encode_refcounts
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 SEEDS = int(os.environ.get("QCOW2_CREATE_SEEDS", "12"))

@@ -22,10 +22,10 @@ from nbdserver.constants import (
     Rep,
     TFlag,
 )
-from nbdserver.export import Export, block_status, read_plan
+from nbdserver.export import Export, block_status
 from nbdserver.handshake import Handshake, Negotiated, ProtocolError
 from nbdserver.requests import Request, check, parse_request
-from qcow2.device import Extent
+from qcow2.contract import Extent, read_plan
 
 MiB = 1 << 20
 SIZE = 4 * MiB

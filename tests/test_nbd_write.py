@@ -664,39 +664,70 @@ def test_advertised_flags(tmp_path: Path, read_only):
         s.stop()
 
 
-def test_inline_reads_wait_while_a_worker_is_inside_a_write(tmp_path: Path):
-    """A non-thread-safe disk: small reads run on the event loop only while no worker job exists."""
-    import asyncio
+@pytest.mark.parametrize("shared", ["1", "2"])
+def test_multi_conn_only_when_a_second_client_may_connect(tmp_path: Path, shared: str):
+    """qemu-nbd -e 1 does not advertise CAN_MULTI_CONN (nbdcopy would open connections that
+    can only wait); neither do we.  With -e 2 both do."""
+    img = tmp_path / "disk.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+    flags = {}
+    s = Server(img, tmp_path / "ours", ("-e", shared))
+    try:
+        flags["ours"] = json.loads(run("nbdinfo", "--json", s.uri))["exports"][0]["can_multi_conn"]
+    finally:
+        s.stop()
+    sock, pid = tmp_path / "q.sock", tmp_path / "q.pid"
+    run("qemu-nbd", "-e", shared, "-t", "-f", "qcow2", "-k", sock, "--fork", "--pid-file", pid, img)
+    try:
+        flags["qemu"] = json.loads(run("nbdinfo", "--json", f"nbd+unix:///?socket={sock}"))["exports"][0][
+            "can_multi_conn"
+        ]
+    finally:
+        os.kill(int(pid.read_text()), signal.SIGTERM)
+        wait_pid_exit(int(pid.read_text()))
+    assert flags["ours"] == flags["qemu"] == (shared != "1"), flags
 
+
+def test_inline_reads_wait_while_a_worker_is_inside_a_write(tmp_path: Path):
+    """A qcow2 disk lets reads overlap, not reads and writes: a small read tried on the
+    event loop is turned away (to a worker) while a write holds the disk, and runs
+    beside another read."""
     import qcow2
+    from nbdserver import commands
     from nbdserver.export import Export
+    from nbdserver.handshake import Negotiated
     from nbdserver.requests import Request
     from nbdserver.server import Server as NbdServer
+    from qcow2.contract import Access, ThreadModel
 
     img = tmp_path / "disk.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
     disk = qcow2.open_disk(str(img), fmt="qcow2", read_only=False)
-    assert not getattr(disk, "thread_safe", False)
+    assert disk.thread_model == ThreadModel.PARALLEL_READS
+    export = Export("", disk)
+    state = Negotiated(export, True, [], export.transmission_flags(True))
+    small_read = Request(0, READ, 1, 0, 4096)
+    assert NbdServer.can_run_inline(small_read)
     inside, release = threading.Event(), threading.Event()
 
-    def slow_write() -> None:
-        inside.set()
-        assert release.wait(10)
-        disk.write(0, b"x" * 512)
-
-    async def scenario() -> None:
-        server = NbdServer({"": Export("", disk)})
-        small_read = Request(0, READ, 1, 0, 4096)
-        assert server.can_run_inline(small_read)
-        job = asyncio.ensure_future(server.run_in_worker(slow_write))
-        await asyncio.get_running_loop().run_in_executor(None, inside.wait)
-        assert not server.can_run_inline(small_read)  # the worker is inside the disk
-        release.set()
-        await job  # the job's end is counted before its result reaches us
-        assert server.can_run_inline(small_read)
-        await server.shutdown()
+    def hold(access: Access) -> None:
+        with export.gate.entered(access):
+            inside.set()
+            assert release.wait(10)
+            if access == Access.WRITE:
+                disk.write(0, b"x" * 512)
 
     try:
-        asyncio.run(scenario())
+        for access, inline in ((Access.WRITE, False), (Access.READ, True)):
+            inside.clear(), release.clear()
+            worker = threading.Thread(target=hold, args=(access,))
+            worker.start()
+            assert inside.wait(10)
+            reply = commands.run(export, small_read, state, wait=False)
+            assert (reply is not None) == inline, access
+            release.set()
+            worker.join(10)
+            assert commands.run(export, small_read, state, wait=False) is not None  # the disk is free
+        assert bytes(disk.read(0, 512)) == b"x" * 512
     finally:
         disk.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .status import ALLOCATED, DATA, OFFSET_VALID, ZERO, Layer, layer_status
+from ..status import ALLOCATED, DATA, OFFSET_VALID, ZERO, Layer, layer_status
 
 CHUNK = 1 << 30
 

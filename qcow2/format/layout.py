@@ -1,8 +1,11 @@
 """On-disk structures of qcow2, declared like the spec's tables.
 
-Used where a structure is read once (header, extensions, snapshot and bitmap
-directories).  Per-entry hot paths (L1/L2/refcount tables) use the
-precompiled ``struct`` formats at the bottom instead.
+The ``construct`` definitions are the one description of the header and of
+the structures read once (extensions, snapshot and bitmap directories); the
+byte offset of every header field is derived from them (:data:`HEADER_FIELDS`),
+so code that patches a field names it instead of hard-coding where it lives.
+Per-entry hot paths (L1/L2/refcount tables) use precompiled ``struct``
+formats and arrays instead (see :mod:`.l2` and :mod:`.refblock`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import struct
 from construct import (
     Bytes,
     Const,
+    Construct,
     Int8ub,
     Int16ub,
     Int32ub,
@@ -50,9 +54,37 @@ HeaderV3Fields = Struct(
     "header_length" / Int32ub,
 )
 
-V2_HEADER_LENGTH = 72
-V3_HEADER_LENGTH = 104
-COMPRESSION_TYPE_OFFSET = 104  # one byte, present when header_length > 104
+# Header, bytes 104-111: optional (present when header_length says so); QEMU writes all 8.
+HeaderV3Optional = Struct(
+    "compression_type" / Int8ub,
+    Padding(7),
+)
+
+
+def _field_offsets(*parts: Struct) -> dict[str, tuple[int, Construct]]:
+    """Each named field of consecutive fixed-size structs: (byte offset, its construct)."""
+    fields: dict[str, tuple[int, Construct]] = {}
+    pos = 0
+    for part in parts:
+        for sub in part.subcons:
+            if sub.name:
+                fields[sub.name] = (pos, sub)
+            pos += sub.sizeof()
+    return fields
+
+
+HEADER_FIELDS = _field_offsets(HeaderV2, HeaderV3Fields, HeaderV3Optional)
+V2_HEADER_LENGTH = HeaderV2.sizeof()  # 72
+V3_HEADER_LENGTH = V2_HEADER_LENGTH + HeaderV3Fields.sizeof()  # 104
+V3_HEADER_WITH_COMPRESSION = V3_HEADER_LENGTH + HeaderV3Optional.sizeof()  # 112, what QEMU writes
+COMPRESSION_TYPE_OFFSET = HEADER_FIELDS["compression_type"][0]
+
+
+def header_field_bytes(name: str, value: int) -> tuple[int, bytes]:
+    """Where header field ``name`` lives and its on-disk bytes for ``value``."""
+    offset, sub = HEADER_FIELDS[name]
+    return offset, sub.build(value)
+
 
 # Header extension: type, length, data padded to 8 bytes.
 ExtensionHeader = Struct(
@@ -72,6 +104,7 @@ FeatureNameEntry = Struct(
     "bit" / Int8ub,
     "name" / PaddedString(46, "ascii"),
 )
+FEATURE_NAME_ENTRY_SIZE = FeatureNameEntry.sizeof()
 
 BitmapsExtension = Struct(
     "nb_bitmaps" / Int32ub,
@@ -91,6 +124,7 @@ BitmapDirectoryEntry = Struct(
     "extra_data" / Bytes(this.extra_data_size),
     "name" / Bytes(this.name_size),
 )
+BITMAP_ENTRY_FIXED_SIZE = 24  # the fields before extra_data
 
 CryptoExtension = Struct(
     "offset" / Int64ub,
@@ -111,6 +145,7 @@ SnapshotHeader = Struct(
     "id_str" / Bytes(this.id_str_size),
     "name" / Bytes(this.name_size),
 )
+SNAPSHOT_FIXED_SIZE = 40  # the fields before extra_data
 
 # Feature bits.
 INCOMPAT_DIRTY = 1 << 0
@@ -136,12 +171,20 @@ FEATURE_NAMES = {
     (2, 1): "raw external data",
 }
 
-# L1/L2 entry masks (QEMU's names in comments).
+# L1/L2/refcount-table entry masks (QEMU's names in comments).
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L1E_RESERVED_MASK = 0x7F000000000001FF
 L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2E_STD_RESERVED_MASK = 0x3F000000000001FE
 QCOW_OFLAG_COPIED = 1 << 63
 QCOW_OFLAG_COMPRESSED = 1 << 62
 QCOW_OFLAG_ZERO = 1 << 0
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+REFT_RESERVED_MASK = 0x1FF
+SUBCLUSTER_ALLOC_MASK = 0xFFFFFFFF
+SUBCLUSTER_ZERO_MASK = 0xFFFFFFFF << 32
+BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+BME_RESERVED_MASK = 0xFF000000000001FE
+BME_ALL_ONES = 1
 
 U64 = struct.Struct(">Q")

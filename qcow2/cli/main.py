@@ -1,4 +1,4 @@
-"""The ``qcow2`` command line: ``map``, ``info`` and ``check``."""
+"""The ``qcow2`` command line: ``map``, ``info``, ``check``, ``create``, ``resize``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import argparse
 import json
 import sys
 
-from . import open_layer, probe_format
-from .errors import ImageError
-from .qemu_map import format_human, format_json, map_entries
+from ..chain import close_chain
+from ..check import FIX_ERRORS, FIX_LEAKS, run_check_command
+from ..create import parse_size, run_create
+from ..errors import ImageError
+from ..opening import open_disk, open_layer, probe_format
+from .info import format_info, image_info
+from .map import format_human, format_json, map_entries
 
 
 def _cmd_map(args: argparse.Namespace) -> int:
@@ -20,48 +24,40 @@ def _cmd_map(args: argparse.Namespace) -> int:
             for line in format_human(map_entries(top, human=True)):
                 sys.stdout.write(line)
     finally:
-        _close_chain(top)
+        close_chain(top)
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .info import image_info
-
     top = open_layer(args.image, args.format)
     try:
         chain = image_info(top)
     finally:
-        _close_chain(top)
+        close_chain(top)
     if args.output == "json":
         json.dump(chain if args.backing_chain else chain[0], sys.stdout, indent=4)
         sys.stdout.write("\n")
     else:
-        from .info import format_info
-
         sys.stdout.write(format_info(chain if args.backing_chain else chain[:1]))
     return 0
 
 
-def parse_size(text: str) -> int:
-    """qemu-img style sizes: plain bytes or a k/M/G/T/P/E suffix (powers of 1024)."""
-    units = "kmgtpe"
-    text = text.strip()
-    if text and text[-1].lower() in units:
-        return int(float(text[:-1]) * (1024 ** (units.index(text[-1].lower()) + 1)))
-    return int(text)
+def _size_arg(text: str) -> int:
+    size = parse_size(text)
+    if size is None:
+        raise ValueError(f"invalid size {text!r}: a number with an optional k, M, G, T, P or E suffix")
+    return size
 
 
 def _cmd_resize(args: argparse.Namespace) -> int:
-    from . import open_disk
-
     disk = open_disk(args.image, args.format, read_only=False)
     try:
         text = args.size
         if text[0] in "+-":
-            delta = parse_size(text[1:])
+            delta = _size_arg(text[1:])
             size = disk.size + delta if text[0] == "+" else disk.size - delta
         else:
-            size = parse_size(text)
+            size = _size_arg(text)
         if size % 512:
             raise ValueError("The new size must be a multiple of 512")
         if size < disk.size and not args.shrink:
@@ -74,8 +70,6 @@ def _cmd_resize(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .check import FIX_ERRORS, FIX_LEAKS, run_check_command
-
     if (args.format or probe_format(args.image)) != "qcow2":
         print("qcow2: This image format does not support checks", file=sys.stderr)
         return 63
@@ -90,10 +84,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     )
 
 
-# --- create (qcow2/create.py) ---
 def _cmd_create(args: argparse.Namespace) -> int:
-    from .create import run_create
-
     run_create(
         args.image,
         args.size,
@@ -105,15 +96,6 @@ def _cmd_create(args: argparse.Namespace) -> int:
         quiet=args.quiet,
     )
     return 0
-
-
-# --- end create ---
-
-
-def _close_chain(layer) -> None:
-    while layer is not None:
-        layer.close()
-        layer = layer.backing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--backing-chain", action="store_true", help="describe every image of the chain")
     i.add_argument("image")
     i.set_defaults(func=_cmd_info)
-    # --- create (qcow2/create.py) ---
     c = sub.add_parser("create", help="create a qcow2 (or raw) image the way qemu-img create does")
     c.add_argument("-f", "--format", default="qcow2", help="qcow2 (default) or raw")
     c.add_argument("-o", dest="options", action="append", default=[], help="options, e.g. cluster_size=64k")
@@ -141,7 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("image")
     c.add_argument("size", nargs="?", help="virtual size, with optional k/M/G/T/P/E suffix")
     c.set_defaults(func=_cmd_create)
-    # --- end create ---
     c = sub.add_parser("check", help="check (and repair) the refcounts and metadata, like qemu-img check")
     c.add_argument("-r", dest="repair", choices=("leaks", "all"), help="repair leaks, or everything")
     c.add_argument("--output", choices=("human", "json"), default="human")

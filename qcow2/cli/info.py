@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .hostfile import HostFile
+from ..hostfile import HostFile
 
 
 def layer_info(layer) -> dict:

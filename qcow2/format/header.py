@@ -1,13 +1,19 @@
-"""Parse and validate cluster 0: the header, its extensions and the backing name."""
+"""Cluster 0: the header, its extensions and the backing name, parsed and built.
+
+:func:`parse_header` reads what an image says and refuses what we cannot
+serve safely; :func:`build_header` writes cluster 0 of a new image the way
+QEMU's ``qcow2_update_header`` lays it out.  Both work on bytes only.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from construct import ConstructError
 
+from ..errors import ImageError
 from . import layout as L
-from .errors import ImageError
 
 MAX_CLUSTER_BITS = 21
 MIN_CLUSTER_BITS = 9
@@ -15,6 +21,7 @@ MAX_L1_BYTES = 32 << 20  # QEMU's QCOW_MAX_L1_SIZE
 MAX_REFTABLE_BYTES = 8 << 20
 MAX_BACKING_NAME = 1023
 MAX_HOST_OFFSET = 1 << 56
+MAX_SNAPSHOTS = 65536  # QEMU's QCOW_MAX_SNAPSHOTS
 
 
 @dataclass
@@ -186,8 +193,9 @@ def _parse_extensions(h: Header, cluster0: bytes, where: str) -> None:
         elif ext.type == L.EXT_DATA_FILE:
             h.data_file = data.decode("utf-8", "surrogateescape")
         elif ext.type == L.EXT_FEATURE_TABLE:
-            for i in range(len(data) // 48):
-                entry = L.FeatureNameEntry.parse(data[i * 48 : i * 48 + 48])
+            size = L.FEATURE_NAME_ENTRY_SIZE
+            for i in range(len(data) // size):
+                entry = L.FeatureNameEntry.parse(data[i * size : i * size + size])
                 h.feature_names[(entry.type, entry.bit)] = entry.name.rstrip("\0")
         elif ext.type == L.EXT_BITMAPS:
             if len(data) < 24:
@@ -202,3 +210,88 @@ def _parse_extensions(h: Header, cluster0: bytes, where: str) -> None:
         else:
             h.unknown_extensions.append((ext.type, bytes(data)))
         pos = data_start + ((ext.length + 7) & ~7)
+
+
+# -- building cluster 0 of a new image --------------------------------------------------
+
+_FEATURE_TABLE = sorted(L.FEATURE_NAMES.items())  # QEMU's order: incompatible, compatible, autoclear
+
+
+class HeaderTooLarge(ValueError):
+    """Cluster 0 cannot hold the header, its extensions and the backing name."""
+
+
+def _extension(kind: int, data: bytes) -> bytes:
+    pad = -len(data) % 8
+    return L.ExtensionHeader.build({"type": kind, "length": len(data)}) + data + bytes(pad)
+
+
+def build_header(
+    *,
+    version: int,
+    cluster_bits: int,
+    size: int,
+    l1_size: int,
+    l1_offset: int,
+    reftable_offset: int,
+    reftable_clusters: int,
+    incompatible: int,
+    compatible: int,
+    autoclear: int,
+    refcount_order: int,
+    compression_type: int,
+    backing_file: str | None,
+    backing_format: str | None,
+    data_file: str | None,
+) -> bytes:
+    """Cluster 0 as QEMU's qcow2_update_header writes it (extensions in QEMU's order).
+
+    Raises :class:`HeaderTooLarge` when it does not fit in one cluster.
+    """
+    cs = 1 << cluster_bits
+    fixed = {
+        "version": version,
+        "backing_file_offset": 0,
+        "backing_file_size": 0,
+        "cluster_bits": cluster_bits,
+        "size": size,
+        "crypt_method": 0,
+        "l1_size": l1_size,
+        "l1_table_offset": l1_offset,
+        "refcount_table_offset": reftable_offset,
+        "refcount_table_clusters": reftable_clusters,
+        "nb_snapshots": 0,
+        "snapshots_offset": 0,
+    }
+    body = bytearray()
+    if version >= 3:
+        body += L.HeaderV3Fields.build(
+            {
+                "incompatible_features": incompatible,
+                "compatible_features": compatible,
+                "autoclear_features": autoclear,
+                "refcount_order": refcount_order,
+                "header_length": L.V3_HEADER_WITH_COMPRESSION,
+            }
+        )
+        body += L.HeaderV3Optional.build({"compression_type": compression_type})
+    if backing_format:
+        body += _extension(L.EXT_BACKING_FORMAT, backing_format.encode())
+    if data_file is not None:
+        body += _extension(L.EXT_DATA_FILE, os.fsencode(data_file))
+    if version >= 3 and cs > 4096:
+        table = b"".join(
+            L.FeatureNameEntry.build({"type": kind, "bit": bit, "name": name})
+            for (kind, bit), name in _FEATURE_TABLE
+        )
+        body += _extension(L.EXT_FEATURE_TABLE, table)
+    body += _extension(L.EXT_END, b"")
+    if backing_file is not None:
+        name = os.fsencode(backing_file)
+        fixed["backing_file_offset"] = L.V2_HEADER_LENGTH + len(body)
+        fixed["backing_file_size"] = len(name)
+        body += name
+    out = L.HeaderV2.build(fixed) + body
+    if len(out) > cs:
+        raise HeaderTooLarge("cluster 0 cannot hold the header and the backing file name")
+    return out + bytes(cs - len(out))

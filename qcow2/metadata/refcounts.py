@@ -1,26 +1,26 @@
-"""Refcount table and blocks: reading, counting, and QEMU's allocation strategy.
+"""Refcount table and blocks: counting, and QEMU's cluster allocator.
 
-Writes go through to the file as they happen (a refcount is raised on disk
-before anything points at its cluster, lowered only after nothing does), so an
-image killed at any instant has refcount >= references.  With lazy refcounts
-the block updates stay in memory until :meth:`Refcounts.write_back`, and the
-image's dirty bit covers the gap.
+Blocks live in a :class:`~.cache.TableCache`; a change marks its block dirty
+and the owner decides when dirty blocks reach the file (:meth:`write_dirty`,
+called in the image's write-back order).  Structural changes are written at
+once and synced before anything points at them: a new block before the
+table entry that names it, a moved table before the header switches to it.
+Every write goes through the image's :class:`~qcow2.hostfile.HostFile`.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import struct
-from collections import OrderedDict
 from collections.abc import Callable
 
-from .errors import CorruptImageError
-from .hostfile import HostFile
-from .layout import REFT_OFFSET_MASK, U64
+from ..errors import CorruptImageError
+from ..format.layout import REFT_OFFSET_MASK, U64
+from ..format.refblock import RefcountCodec
+from ..hostfile import HostFile
+from .cache import TableCache
 
-_WIDE = {16: "H", 32: "I", 64: "Q"}
-BLOCK_CACHE = 64
+BLOCK_CACHE = 64  # refcount blocks kept in memory
 
 
 class Refcounts:
@@ -34,23 +34,25 @@ class Refcounts:
         table_offset: int,
         table_clusters: int,
         on_table_moved: Callable[[int, int], None] | None = None,
+        check_write: Callable[[int, int], None] | None = None,
     ):
         self.file = file
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
-        self.bits = 1 << order
-        self.max_refcount = (1 << self.bits) - 1
-        self.entries_per_block = self.cluster_size * 8 // self.bits
+        self.codec = RefcountCodec(order, self.cluster_size)
+        self.bits = self.codec.bits
+        self.max_refcount = self.codec.max_value
+        self.entries_per_block = self.codec.per_block
         self.table_offset = table_offset
         self.table_clusters = table_clusters
         raw = file.pread(table_offset, table_clusters << cluster_bits)
         self.table = list(struct.unpack(f">{len(raw) // 8}Q", raw))
         self.on_table_moved = on_table_moved
-        self.lazy = False
+        self.check_write = check_write  # the owner's overlap check, before a structure is written
+        self.lazy = False  # lazy refcounts: blocks reach the file only when the owner says so
         self.free_index = 0
         self.alloc_end = -(-file.file_size >> cluster_bits)
-        self._blocks: OrderedDict[int, bytearray] = OrderedDict()
-        self._dirty: set[int] = set()
+        self.blocks: TableCache[bytearray] = TableCache(BLOCK_CACHE, self._load_block, self._spill_block)
         self.version = 0  # bumped whenever the table or its blocks move
 
     # -- reading ---------------------------------------------------------------------
@@ -63,60 +65,22 @@ class Refcounts:
             raise CorruptImageError(f"refcount block offset {offset:#x} is unaligned")
         return offset
 
+    def _load_block(self, index: int) -> bytearray:
+        return bytearray(self.file.pread(self.block_offset(index), self.cluster_size))
+
     def _block(self, index: int) -> bytearray | None:
-        blk = self._blocks.get(index)
-        if blk is not None:
-            self._blocks.move_to_end(index)
-            return blk
-        offset = self.block_offset(index)
-        if not offset:
+        if not self.block_offset(index):
             return None
-        blk = bytearray(self.file.pread(offset, self.cluster_size))
-        self._cache(index, blk)
-        return blk
+        return self.blocks.get(index)
 
-    def _cache(self, index: int, blk: bytearray) -> None:
-        self._blocks[index] = blk
-        while len(self._blocks) > BLOCK_CACHE:
-            old, old_blk = next(iter(self._blocks.items()))
-            if old in self._dirty:
-                self._write_block(old, old_blk, 0, len(old_blk))
-                self._dirty.discard(old)
-            del self._blocks[old]
-
-    def decoded(self, index: int) -> list[int] | bytes | None:
+    def decoded(self, index: int):
         """All refcounts of block ``index`` (None: no block, all zero)."""
         blk = self._block(index)
-        if blk is None:
-            return None
-        bits = self.bits
-        if bits == 8:
-            return bytes(blk)
-        if bits > 8:
-            return list(struct.unpack(f">{len(blk) * 8 // bits}{_WIDE[bits]}", blk))
-        mask = (1 << bits) - 1
-        return [(byte >> (i * bits)) & mask for byte in blk for i in range(8 // bits)]
+        return None if blk is None else self.codec.decode(blk)
 
-    def _get_entry(self, blk: bytearray, i: int) -> int:
-        bits = self.bits
-        if bits >= 8:
-            b = bits >> 3
-            return int.from_bytes(blk[i * b : i * b + b], "big")
-        bit = i * bits
-        return (blk[bit >> 3] >> (bit & 7)) & self.max_refcount
-
-    def _set_entry(self, blk: bytearray, i: int, value: int) -> tuple[int, int]:
-        """Store ``value``; returns the byte range that changed."""
-        bits = self.bits
-        if bits >= 8:
-            b = bits >> 3
-            blk[i * b : i * b + b] = value.to_bytes(b, "big")
-            return i * b, i * b + b
-        bit = i * bits
-        shift = bit & 7
-        byte = blk[bit >> 3] & ~(self.max_refcount << shift) & 0xFF
-        blk[bit >> 3] = byte | (value << shift)
-        return bit >> 3, (bit >> 3) + 1
+    def get(self, cluster: int) -> int:
+        blk = self._block(cluster // self.entries_per_block)
+        return 0 if blk is None else self.codec.get(blk, cluster % self.entries_per_block)
 
     def count_in_use(self, end_cluster: int, stop_at: int) -> int:
         """Clusters below ``end_cluster`` with a non-zero refcount, counting up to ``stop_at``."""
@@ -133,18 +97,27 @@ class Refcounts:
                 break
         return count
 
-    def metadata_clusters(self) -> set[int]:
-        """Clusters holding the table and the blocks (for overlap checks)."""
+    def table_clusters_range(self) -> range:
         first = self.table_offset >> self.cluster_bits
-        used = set(range(first, first + self.table_clusters))
-        used.update((e & REFT_OFFSET_MASK) >> self.cluster_bits for e in self.table if e & REFT_OFFSET_MASK)
-        return used
+        return range(first, first + self.table_clusters)
+
+    def block_clusters(self) -> list[int]:
+        """Host clusters of the refcount blocks, sorted (for the overlap check)."""
+        return sorted(
+            {(e & REFT_OFFSET_MASK) >> self.cluster_bits for e in self.table if e & REFT_OFFSET_MASK}
+        )
 
     # -- writing ---------------------------------------------------------------------
 
-    def _write_block(self, index: int, blk: bytearray, start: int, end: int) -> None:
-        offset = self.block_offset(index)
-        os.pwrite(self.file.fd, blk[start:end], offset + start)
+    def _spill_block(self, index: int, blk: bytearray, lo: int, hi: int) -> None:
+        self.file.write(self.block_offset(index) + lo, memoryview(blk)[lo:hi])
+
+    def write_dirty(self) -> None:
+        """Write every changed block (the changed bytes of each); no sync."""
+        entries = self.blocks.dirty_entries()
+        for index, blk, lo, hi in entries:
+            self._spill_block(index, blk, lo, hi)
+        self.blocks.mark_clean(index for index, _, _, _ in entries)
 
     def change(self, cluster: int, count: int, delta: int, discard: bool = False) -> None:
         """Add ``delta`` to the refcounts of ``count`` clusters from ``cluster``.
@@ -153,6 +126,7 @@ class Refcounts:
         guest discard requests through to the image file this way).
         """
         per = self.entries_per_block
+        codec = self.codec
         end = cluster + count
         while cluster < end:
             index = cluster // per
@@ -166,20 +140,17 @@ class Refcounts:
             n = min(end - cluster, per - first)
             lo, hi = len(blk), 0
             for i in range(first, first + n):
-                value = self._get_entry(blk, i) + delta
+                value = codec.get(blk, i) + delta
                 if value < 0 or value > self.max_refcount:
                     raise OSError(errno.EIO, f"refcount of cluster {index * per + i} out of range ({value})")
-                a, b = self._set_entry(blk, i, value)
+                a, b = codec.set(blk, i, value)
                 lo, hi = min(lo, a), max(hi, b)
                 if value == 0:
                     freed = index * per + i
                     self.free_index = min(self.free_index, freed)
                     if discard:
                         self.file.trim(freed << self.cluster_bits, self.cluster_size)
-            if self.lazy:
-                self._dirty.add(index)
-            else:
-                self._write_block(index, blk, lo, hi)
+            self.blocks.mark_dirty(index, lo, hi)
             cluster += n
         if delta > 0:
             self.alloc_end = max(self.alloc_end, end)
@@ -188,9 +159,10 @@ class Refcounts:
         cluster = self.free_index if start is None else start
         first, run = cluster, 0
         per = self.entries_per_block
+        codec = self.codec
         while run < count:
             blk = self._block(cluster // per)
-            if blk is None or not self._get_entry(blk, cluster % per):
+            if blk is None or not codec.get(blk, cluster % per):
                 run += 1
             else:
                 first, run = cluster + 1, 0
@@ -214,6 +186,12 @@ class Refcounts:
     def free(self, cluster: int, count: int = 1, discard: bool = False) -> None:
         self.change(cluster, count, -1, discard)
 
+    def _sync_structure(self) -> None:
+        """Before a structural change becomes visible: the counts it relies on are on disk."""
+        if not self.lazy:
+            self.write_dirty()
+        self.file.flush()
+
     def _create_block(self, index: int) -> None:
         """Create refcount block ``index``; it describes itself when it lies in its own range."""
         per = self.entries_per_block
@@ -226,23 +204,24 @@ class Refcounts:
             owner = cluster // per
             blk = bytearray(self.cluster_size)
             if owner == index:
-                self._set_entry(blk, cluster % per, 1)
+                self.codec.set(blk, cluster % per, 1)
                 break
             if self.block_offset(owner):
                 self.change(cluster, 1, +1)
                 break
             self._create_block(owner)
-        os.pwrite(self.file.fd, blk, cluster << self.cluster_bits)
-        os.fsync(self.file.fd)  # the block is on disk before the table points at it
-        self.file.refresh_size()
+        if self.check_write is not None:
+            self.check_write(cluster << self.cluster_bits, self.cluster_size)
+        self.file.write(cluster << self.cluster_bits, blk)
+        self._sync_structure()  # the block is on disk before the table points at it
         self._hook_block(index, cluster << self.cluster_bits)
-        self._cache(index, blk)
+        self.blocks.insert(index, blk)
         self.alloc_end = max(self.alloc_end, cluster + 1)
 
     def _hook_block(self, index: int, offset: int) -> None:
         self.version += 1
         self.table[index] = offset
-        os.pwrite(self.file.fd, U64.pack(offset), self.table_offset + index * 8)
+        self.file.write(self.table_offset + index * 8, U64.pack(offset))
 
     def _grow_table(self, need_index: int) -> None:
         """Move the table to the end of the file with room to spare (QEMU's refcount area)."""
@@ -268,29 +247,23 @@ class Refcounts:
         for cluster in used:
             index = cluster // per
             if index in new_blocks:
-                self._set_entry(new_blocks[index], cluster % per, 1)
+                self.codec.set(new_blocks[index], cluster % per, 1)
             else:
                 self.change(cluster, 1, +1)
-        for index, blk in new_blocks.items():
-            os.pwrite(self.file.fd, blk, table[index])
         table_offset = (start + blocks) * cs
-        os.pwrite(self.file.fd, struct.pack(f">{entries}Q", *table), table_offset)
-        os.fsync(self.file.fd)
+        if self.check_write is not None:
+            self.check_write(start * cs, area * cs)
+        for index, blk in new_blocks.items():
+            self.file.write(table[index], blk)
+        self.file.write(table_offset, struct.pack(f">{entries}Q", *table))
+        self._sync_structure()
         old_offset, old_clusters = self.table_offset, self.table_clusters
         if self.on_table_moved is not None:
             self.on_table_moved(table_offset, table_clusters)
         self.table, self.table_offset, self.table_clusters = table, table_offset, table_clusters
         self.version += 1
         for index, blk in new_blocks.items():
-            self._cache(index, blk)
+            self.blocks.insert(index, blk)
         self.alloc_end = max(self.alloc_end, start + area)
         self.file.refresh_size()
         self.free(old_offset >> self.cluster_bits, old_clusters)
-
-    def write_back(self) -> None:
-        """Write the blocks lazy mode kept in memory."""
-        for index in sorted(self._dirty):
-            blk = self._blocks.get(index)
-            if blk is not None:
-                self._write_block(index, blk, 0, len(blk))
-        self._dirty.clear()
