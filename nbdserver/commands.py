@@ -31,9 +31,10 @@ Buffers = list[bytes | memoryview]
 Handler = Callable[[Export, Request, Negotiated, "memoryview | None"], Buffers]
 # Long block status is computed in slices: each slice one turn at the gate (writers get in
 # between) and at most SLICE_SECONDS of CPU, after which the worker lets go of the GIL for
-# YIELD_SECONDS.  Without that pause, CPython's GIL convoy starves the event loop: every time
-# the loop thread gives the GIL up for a system call, it waits a whole switch interval to get
-# it back, and one 4 KiB read of another client took as long as the whole map.
+# YIELD_SECONDS if anyone else uses the export.  Without that pause, CPython's GIL convoy
+# starves the event loop: every time the loop thread gives the GIL up for a system call, it
+# waits a whole switch interval to get it back, and one 4 KiB read of another client took as
+# long as the whole map.
 STATUS_SLICE = 4096
 SLICE_SECONDS = 0.004
 YIELD_SECONDS = 0.0005
@@ -123,7 +124,7 @@ def do_block_status(export: Export, req: Request, state: Negotiated, payload: me
                     break
         if not count:
             break
-        if not reply.complete:
+        if not reply.complete and export.contended():
             time.sleep(YIELD_SECONDS)
     per_context = reply.descriptors
     if any(not d for d in per_context):
@@ -235,7 +236,7 @@ def run(
     try:
         if wait or access != Access.READ:
             return handler(export, req, state, payload)
-        with without_waiting():
+        with without_waiting:
             return handler(export, req, state, payload)
     except Exception as e:  # a disk failure fails this request only
         if isinstance(e, WouldBlock) and not wait:

@@ -72,6 +72,16 @@ class Export:
     description: str = ""
     multi_conn: bool = True
     gate: RequestGate = field(init=False, repr=False)
+    # Kept by the event loop, read by workers: is anyone else using this export right now?
+    connections: int = field(default=0, init=False)  # clients in the transmission phase
+    in_workers: int = field(default=0, init=False)  # requests handed to worker threads, not answered
+
+    def worker_done(self, _task: object = None) -> None:
+        self.in_workers -= 1
+
+    def contended(self) -> bool:
+        """Another client, or another request waiting or running: long work should let it in."""
+        return self.connections > 1 or self.in_workers > 1
 
     def __post_init__(self) -> None:
         self.gate = RequestGate(self.disk.thread_model)

@@ -27,7 +27,10 @@ from qcow2.contract import Access, ThreadModel
 class RequestGate:
     def __init__(self, model: ThreadModel) -> None:
         self.model = model
-        self._cond = threading.Condition(threading.Lock())
+        self._parallel = model == ThreadModel.PARALLEL
+        self._shared_reads = model == ThreadModel.PARALLEL_READS
+        self._lock = threading.Lock()  # the fast path takes only this (C-level, no Python frames)
+        self._cond = threading.Condition(self._lock)  # waiters sleep here
         self._readers = 0
         self._flushing = False
         self._writing = False
@@ -36,7 +39,7 @@ class RequestGate:
     def _admissible(self, access: Access) -> bool:
         if self._writing:
             return False
-        if self.model == ThreadModel.SERIALIZE_ALL_REQUESTS:
+        if not self._shared_reads:
             return not (self._readers or self._flushing)
         if access == Access.READ:
             return True
@@ -54,12 +57,16 @@ class RequestGate:
 
     def enter(self, access: Access, wait: bool = True) -> bool:
         """Admit a call; without ``wait``, False instead of waiting."""
-        if self.model == ThreadModel.PARALLEL:
+        if self._parallel:
             return True
-        with self._cond:
-            if not self._queue and self._admissible(access):
-                self._admit(access)
-                return True
+        with self._lock:
+            if not self._queue:
+                if access == Access.READ and self._shared_reads and not self._writing:
+                    self._readers += 1  # the common case, decided without another call
+                    return True
+                if self._admissible(access):
+                    self._admit(access)
+                    return True
             if not wait:
                 return False
             ticket = object()
@@ -74,9 +81,9 @@ class RequestGate:
             return True
 
     def leave(self, access: Access) -> None:
-        if self.model == ThreadModel.PARALLEL:
+        if self._parallel:
             return
-        with self._cond:
+        with self._lock:
             if access == Access.READ:
                 self._readers -= 1
             elif access == Access.FLUSH:
@@ -102,5 +109,5 @@ class RequestGate:
 
     def busy(self) -> bool:
         """Anything admitted or waiting (for tests and diagnostics)."""
-        with self._cond:
+        with self._lock:
             return bool(self._readers or self._flushing or self._writing or self._queue)

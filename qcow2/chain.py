@@ -100,10 +100,11 @@ class ChainDisk(Disk):
         while pos < end:
             st, depth = status_above(top, pos, end - pos)
             n = st.length
+            flags = st.flags
             if n <= 0:  # past every layer's end: the rest reads as data, through the top
                 pending.append((pos, end - pos, None, 0, 0))
                 break
-            if st.flags & ZERO:
+            if flags & ZERO:
                 if pending:
                     runs.append(self._read_runs(pending))
                     pending = []
@@ -112,10 +113,12 @@ class ChainDisk(Disk):
                     runs[-1] = (start, size + n, None)
                 else:
                     runs.append((pos, n, None))
-            elif st.flags & DATA and st.flags & OFFSET_VALID and st.file is not None:
+            elif flags & DATA and flags & OFFSET_VALID and st.file is not None:
+                if n == length:  # one run of data for the whole request: the usual case
+                    return [(offset, length, st.file.pread(st.host_offset, length))]
                 pending.append((pos, n, st.file, st.host_offset, 0))
             else:
-                pending.append((pos, n, None, 0, depth if st.flags & ALLOCATED else 1))
+                pending.append((pos, n, None, 0, depth if flags & ALLOCATED else 1))
             pos += n
         if pending:
             runs.append(self._read_runs(pending))

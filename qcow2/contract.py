@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -45,31 +44,34 @@ class ThreadModel(IntEnum):
 
 
 class WouldBlock(BlockingIOError):
-    """A read made under :func:`without_waiting` would have to wait for the device."""
+    """A read made under :data:`without_waiting` would have to wait for the device."""
 
 
-_mode = threading.local()
-
-
-@contextmanager
-def without_waiting() -> Iterator[None]:
-    """Reads in this thread raise :class:`WouldBlock` instead of waiting for the device.
+class _WithoutWaiting(threading.local):
+    """``with without_waiting:`` -- reads in this thread raise :class:`WouldBlock` instead of
+    waiting for the device.
 
     For an event loop that tries a read itself before handing it to a thread:
     data in the page cache is served at once, anything else is refused before
     it could stall the loop.  A disk that cannot tell simply reads.  Reads are
-    free of side effects, so a refused one can be retried anywhere.
+    free of side effects, so a refused one can be retried anywhere.  (A class,
+    not a generator: it sits on the path of every small read.)
     """
-    before = getattr(_mode, "nowait", False)
-    _mode.nowait = True
-    try:
-        yield
-    finally:
-        _mode.nowait = before
+
+    depth = 0
+
+    def __enter__(self) -> None:
+        self.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+
+
+without_waiting = _WithoutWaiting()
 
 
 def waiting_allowed() -> bool:
-    return not getattr(_mode, "nowait", False)
+    return not without_waiting.depth
 
 
 class Access(IntEnum):
@@ -161,7 +163,7 @@ class Disk:
     def read(self, offset: int, length: int) -> Buffer:
         """The bytes at ``offset`` in a buffer the caller may keep.  Required.
 
-        Under :func:`without_waiting`, reads (read, readinto, read_sparse,
+        Under :data:`without_waiting`, reads (read, readinto, read_sparse,
         extents, cache) may raise :class:`WouldBlock`.
         """
         raise NotImplementedError

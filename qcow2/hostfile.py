@@ -15,7 +15,7 @@ import ctypes.util
 import errno
 import os
 
-from .contract import WouldBlock, waiting_allowed
+from .contract import WouldBlock, without_waiting
 from .status import DATA, OFFSET_VALID, ZERO, Status
 
 SECTOR = 512
@@ -87,7 +87,7 @@ class HostFile:
         """Read ``len(buf)`` bytes; bytes past the end of the file read as zeros."""
         want = len(buf)
         done = 0
-        if not waiting_allowed():
+        if without_waiting.depth:
             done = self._read_cached(offset, buf)
         while done < want:
             n = os.preadv(self.fd, [buf[done:]], offset + done)
@@ -102,9 +102,12 @@ class HostFile:
         os.pread hands the kernel a fresh, uninitialised buffer: no zero-fill
         and no copy on the common path of a full read.
         """
-        if not waiting_allowed():
+        if without_waiting.depth:
             buf = bytearray(length)
-            self.readinto(offset, memoryview(buf))
+            view = memoryview(buf)
+            done = self._read_cached(offset, view)
+            if done < length:
+                self.readinto(offset + done, view[done:])  # past the end of the file, or cannot tell
             return buf
         data = os.pread(self.fd, length, offset)
         if len(data) == length:

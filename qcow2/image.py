@@ -57,6 +57,8 @@ class Qcow2Image:
         self.size = meta.header.size // 512 * 512  # QEMU counts whole sectors
         self._compressed_cache: tuple[int, bytes] | None = None
         self._metadata_prealloc: bool | None = None
+        self._l1 = meta.l1  # the owner changes this list in place, never replaces it
+        self._l2_table = meta.l2_tables.get
 
     # -- mapping ---------------------------------------------------------------------
 
@@ -72,12 +74,12 @@ class Qcow2Image:
         in_cluster = offset & (layout.cluster_size - 1)
         l2_index = (offset >> cbits) & (layout.entries - 1)
         needed = min(length + in_cluster, (layout.entries - l2_index) << cbits)
-        l1 = self.meta.l1
+        l1 = self._l1
         l1_index = offset >> (cbits + layout.bits)
         l2_offset = l1[l1_index] & L.L1E_OFFSET_MASK if l1_index < len(l1) else 0
         if not l2_offset:
             return UNALLOCATED_PLAIN, needed - in_cluster, 0
-        table = self.meta.l2_tables.get(l2_offset)
+        table = self._l2_table(l2_offset)
         entries, bitmaps = table.entries, table.bitmaps
         nb_clusters = -(-needed >> cbits)
         sc_index = (offset >> layout.subcluster_bits) & (layout.subclusters - 1)
@@ -135,7 +137,9 @@ class Qcow2Image:
     # -- layer surface ----------------------------------------------------------------
 
     def driver_status(self, offset: int, length: int, want_zero: bool) -> Status:
-        prealloc = self.metadata_preallocated()  # first, as QEMU: it reads the refcount blocks
+        prealloc = self._metadata_prealloc
+        if prealloc is None:
+            prealloc = self.metadata_preallocated()  # first, as QEMU: it reads the refcount blocks
         stype, n, host = self.lookup(offset, length)
         flags = _STATUS_FLAGS[stype]
         if flags & DATA and flags & OFFSET_VALID and prealloc:
