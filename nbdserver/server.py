@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from qcow2.contract import ThreadModel
+from qcow2.contract import Access, ThreadModel
 
 from . import commands
 from .constants import Cmd, Err, cmd_name
@@ -265,7 +265,12 @@ class Connection:
     ) -> None:
         try:
             buffers = await self.server.run_in_worker(
-                commands.run, negotiated.export, req, negotiated, payload
+                commands.run,
+                negotiated.export,
+                req,
+                negotiated,
+                payload,
+                writer=self.server.is_write(req, negotiated),
             )
             if self.stream.is_closing():
                 return
@@ -298,6 +303,10 @@ class Server:
             serial = all(e.disk.thread_model == ThreadModel.SERIALIZE_ALL_REQUESTS for e in exports.values())
             workers = 1 if serial else WORKERS
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
+        # Writes to a disk that runs them alone anyway queue on one thread of their own: handing
+        # each to whichever pool thread is free only made them wait for each other at the gate
+        # and pass the GIL around (nbdcopy of 1 GiB into a new image: 2.6 s against 1.8 s).
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbd-write")
         self._tasks: set[asyncio.Task] = set()
         self._accepted = 0
 
@@ -306,9 +315,18 @@ class Server:
         """Worth trying on the event loop: a small request without FUA (the gate decides the rest)."""
         return req.cmd in INLINE_COMMANDS and req.length <= INLINE_MAX and not req.flags & _FUA
 
-    async def run_in_worker(self, fn: Callable[..., T], *args: object) -> T:
-        """Run a blocking call on the worker pool."""
-        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+    @staticmethod
+    def is_write(req: Request, negotiated: Negotiated) -> bool:
+        """A request that the disk's thread model runs alone (so: on the writer thread)."""
+        return (
+            commands.ACCESS.get(req.cmd) == Access.WRITE
+            and negotiated.export.disk.thread_model != ThreadModel.PARALLEL
+        )
+
+    async def run_in_worker(self, fn: Callable[..., T], *args: object, writer: bool = False) -> T:
+        """Run a blocking call on the worker pool (``writer``: on the writer thread)."""
+        executor = self._writer if writer else self._executor
+        return await asyncio.wrap_future(executor.submit(fn, *args))
 
     async def accept_loop(self, listener: socket.socket) -> None:
         """Accept clients until cancelled; with ``max_clients``, wait for a free slot first."""
@@ -373,3 +391,4 @@ class Server:
             if late:
                 await asyncio.wait(late)
         self._executor.shutdown(wait=True)
+        self._writer.shutdown(wait=True)

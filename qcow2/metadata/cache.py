@@ -49,14 +49,25 @@ class TableCache(Generic[T]):
         return len(self._dirty)
 
     def get(self, key: int) -> T:
-        """The table, loaded (clean) on a miss."""
-        with self._mutex:
-            table = self._pinned.get(key)
-            if table is not None:
-                return table
-            table = self._lru.get(key)
-            if table is not None:
+        """The table, loaded (clean) on a miss.
+
+        A hit takes no mutex: each dict operation is atomic, a table moving
+        between the two maps is found again under the mutex below, and a table
+        evicted between the lookup and the move to the end is simply not moved.
+        """
+        table = self._pinned.get(key)
+        if table is not None:
+            return table
+        table = self._lru.get(key)
+        if table is not None:
+            try:
                 self._lru.move_to_end(key)
+            except KeyError:
+                pass
+            return table
+        with self._mutex:
+            table = self._pinned.get(key) or self._lru.get(key)
+            if table is not None:
                 return table
         table = self._load(key)
         with self._mutex:
