@@ -115,14 +115,9 @@ def do_block_status(export: Export, req: Request, state: Negotiated, payload: me
         pos = start + reply.done
         if pos >= end:
             break
-        count = 0
-        deadline = time.monotonic() + SLICE_SECONDS
         with gate.entered(Access.READ):
-            for e in disk.extents(pos, end - pos):
-                count += 1
-                if reply.add(e) or count >= STATUS_SLICE or (count & 63 == 0 and time.monotonic() > deadline):
-                    break
-        if not count:
+            taken = reply.take(disk.extents(pos, end - pos), STATUS_SLICE, time.monotonic() + SLICE_SECONDS)
+        if not taken:
             break
         if not reply.complete and export.contended():
             time.sleep(YIELD_SECONDS)

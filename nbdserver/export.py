@@ -8,7 +8,8 @@ No sockets, no asyncio.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from qcow2.contract import Disk, Extent
@@ -154,29 +155,50 @@ class BlockStatusReply:
 
     def add(self, e: Extent) -> bool:
         """Take the next extent; True once the reply is complete."""
-        n = min(e.length, self.length - self.done)
-        if n <= 0:
-            return self.complete
-        cap = self.cap
-        for i, mapper in enumerate(self.mappers):
-            if not self._open[i]:
-                continue
-            status = mapper(e)
-            d = self.descriptors[i]
-            if d and d[-1][1] == status:
-                d[-1] = (d[-1][0] + n, status)
-            elif len(d) < cap:
-                d.append((n, status))
-            else:
-                self._open[i] = False
-                self._remaining -= 1
-        if self._remaining == 0:
-            self.complete = True
-            return True
-        self.done += n
-        if self.done >= self.length:
-            self.complete = True
+        self.take(iter((e,)), 1)
         return self.complete
+
+    def take(self, extents: Iterator[Extent], max_count: int, deadline: float = 0.0) -> int:
+        """Take extents until the reply is complete, ``max_count`` were taken, or (checked
+        every 64 extents) ``time.monotonic()`` passed ``deadline``; returns how many were taken."""
+        if self.complete:
+            return 0
+        mappers, descriptors, is_open = self.mappers, self.descriptors, self._open
+        cap, length, done = self.cap, self.length, self.done
+        count = 0
+        for e in extents:
+            count += 1
+            n = e.length
+            if n > length - done:
+                n = length - done
+            if n <= 0:
+                if e.length <= 0:
+                    continue  # an empty extent says nothing
+                self.complete = True
+                break
+            for i, mapper in enumerate(mappers):
+                if not is_open[i]:
+                    continue
+                status = mapper(e)
+                d = descriptors[i]
+                if d and d[-1][1] == status:
+                    d[-1] = (d[-1][0] + n, status)
+                elif len(d) < cap:
+                    d.append((n, status))
+                else:
+                    is_open[i] = False
+                    self._remaining -= 1
+            if self._remaining == 0:
+                self.complete = True
+                break
+            done += n
+            if done >= length:
+                self.complete = True
+                break
+            if count >= max_count or (deadline and not count & 63 and time.monotonic() > deadline):
+                break
+        self.done = done
+        return count
 
 
 def block_status(
@@ -188,7 +210,5 @@ def block_status(
 ) -> list[Descriptors]:
     """Descriptors per context for ``length`` bytes described by ``extents`` (see BlockStatusReply)."""
     reply = BlockStatusReply(length, mappers, req_one, limit)
-    for e in extents:
-        if reply.add(e):
-            break
+    reply.take(iter(extents), 1 << 62)
     return reply.descriptors
