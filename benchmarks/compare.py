@@ -41,7 +41,11 @@ in-place run the image file is fsynced outside the timing so that the next
 run does not pay for the previous one's writeback.
 
 ``--ours 'qemu-nbd -A -t'`` puts qemu-nbd on both sides, to see how much
-two identical servers differ here (the noise floor).
+two identical servers differ here (the noise floor).  ``--before CMD`` adds a
+third server to every round, our server at an earlier commit (for instance
+``git worktree add /tmp/old HEAD~3`` then ``--before 'env PYTHONPATH=/tmp/old
+.venv/bin/python -P -m nbdserver'``), and a column of per-round ratios
+ours / before: what a change did, paired in one run.
 
 Images are kept in --workdir and reused while their parameters match.
 """
@@ -154,7 +158,7 @@ def build_map_image(path: Path, size: int, clusters: int, seed: int) -> None:
         raw.unlink()
 
 
-def ensure_images(workdir: Path, args, needed: set[str]) -> dict[str, Path]:
+def ensure_images(workdir: Path, args, needed: set[str], labels: tuple[str, ...]) -> dict[str, Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     specs = {
         "seq": {"size": args.seq_size},
@@ -188,7 +192,7 @@ def ensure_images(workdir: Path, args, needed: set[str]) -> dict[str, Path]:
     if "full" in needed:
         # One copy per server, as the in-place tests write to them.  Rewrites keep
         # them fully allocated, so they are reused while qemu-img check is happy.
-        for label in ("qemu", "ours"):
+        for label in labels:
             copy = workdir / f"full-{label}.qcow2"
             stamp = workdir / f"full-{label}.json"
             want = (workdir / "full.json").read_text()
@@ -249,7 +253,8 @@ class Server:
             *self.argv, *([] if self.writable else ["-r"]), "--fork", "-e", "8", "-f", "qcow2",
             "-k", str(self.socket), "--pid-file", str(self.pidfile), str(self.image),
         ]  # fmt: skip
-        subprocess.run(cmd, check=True, timeout=60, stdin=subprocess.DEVNULL)
+        # In the run directory: a ``python -m`` server must not pick up modules from our cwd.
+        subprocess.run(cmd, check=True, timeout=60, stdin=subprocess.DEVNULL, cwd=self.rundir)
         for _ in range(100):  # --fork returns once listening; the pid file may lag a little
             if self.pidfile.exists() and self.pidfile.read_text().strip():
                 break
@@ -432,10 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/qcow2-nbd-bench"), help="images (kept)")
     p.add_argument("--ours", help="command for our server (default: qcow2-nbd next to this Python)")
+    p.add_argument("--before", help="also run this server (ours at an earlier commit) in every round")
     p.add_argument("--timeout", type=float, default=600, help="seconds before one client run fails")
     p.add_argument("--json", type=Path, help="also write all samples here")
     p.add_argument("-v", "--verbose", action="store_true", help="print every sample")
     args = p.parse_args(argv)
+    args.workdir = args.workdir.resolve()
     args.rounds = args.rounds or (5 if args.full else 3)
     args.fio_runtime = args.fio_runtime or (10 if args.full else 2)
     args.alloc_writes = args.alloc_writes or (32768 if args.full else 16384)
@@ -449,7 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         here = Path(sys.executable).parent / "qcow2-nbd"
         ours = [str(here)] if here.exists() else [shutil.which("qcow2-nbd") or "qcow2-nbd"]
+    labels: tuple[str, ...] = ("qemu", "ours")
+    read_argv = {"qemu": QEMU_READ, "ours": ours}
     write_argv = {"qemu": QEMU_WRITE, "ours": ours}
+    if args.before:
+        labels += ("before",)
+        read_argv["before"] = write_argv["before"] = shlex.split(args.before)
 
     seq, fio_s = human(args.seq_size), f"{args.fio_runtime} s"
     alloc = f"fio nbd 4k, {args.alloc_writes} writes, new {human(ALLOC_SIZE)}"
@@ -485,35 +497,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"             writes: {shlex.join(QEMU_WRITE)}  (--help names '{qemu_default_cache()}' as the")
     print("                     default cache mode: host page cache, NBD flush = fsync, like ours)")
     print(f"  ours:      {shlex.join(ours)}  (-r for reads; read-write, buffered, flush = fsync)")
+    if args.before:
+        print(f"  before:    {args.before}  (the same, at an earlier commit)")
     print(f"  clients:   {first_line(['nbdcopy', '--version'])}, {first_line(['fio', '--version'])}")
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
     print(f"  machine:   {os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}")
     print(f"  Python:    {platform.python_version()} ({sys.executable})")
-    print(f"  rounds:    {args.rounds}, order alternating; medians; page cache warm; Unix sockets")
+    print(f"  rounds:    {args.rounds}, order rotating; medians; page cache warm; Unix sockets")
     load_before = loadavg()
     print(f"  load avg:  {load_before} (1/5/15 min) at start; other jobs on this machine skew the figures")
 
     needed = {t.image for t in tests} - {"fresh"}
     if "full" in needed or any(t.name == "seq write" for t in tests):
         needed.add("src")
-    images = ensure_images(args.workdir, args, needed)
+    images = ensure_images(args.workdir, args, needed, labels)
     for name in sorted(needed):
-        for key in (f"{name}-qemu", f"{name}-ours") if name == "full" else (name,):
+        for key in [f"{name}-{label}" for label in labels] if name == "full" else (name,):
             warm_page_cache(images[key])
 
     samples: dict[tuple[str, str], list[float]] = {}
     errors: dict[tuple[str, str], str] = {}
     mismatch: list[str] = []
-    same_as_source: dict[str, list[bool]] = {"qemu": [], "ours": []}  # seq write, per round
+    same_as_source: dict[str, list[bool]] = {label: [] for label in labels}  # seq write, per round
     ours_clean: list[bool] = []  # seq write: qemu-img check on our image, per round
     allocated: dict[tuple[str, str], float] = {}  # share of allocating writes that found a new cluster
-    fresh_paths = [args.workdir / f"fresh-{label}.qcow2" for label in ("qemu", "ours")]
+    fresh_paths = [args.workdir / f"fresh-{label}.qcow2" for label in labels]
     with tempfile.TemporaryDirectory(prefix="qcow2-nbd-bench-") as tmp:
         rundir = Path(tmp)
         servers: dict[tuple[str, str], Server] = {}
         try:
             for image in sorted({t.image for t in tests} - {"fresh"}):
-                for label, argv_ in (("qemu", QEMU_READ), ("ours", ours)):
+                for label, argv_ in read_argv.items():
                     if image == "full":
                         s = Server(label, write_argv[label], images[f"full-{label}"], rundir, writable=True)
                     else:
@@ -522,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                     s.start()
             t0 = time.perf_counter()
             for rnd in range(args.rounds):
-                order = ("qemu", "ours") if rnd % 2 == 0 else ("ours", "qemu")
+                order = labels[rnd % len(labels) :] + labels[: rnd % len(labels)]
                 for test in tests:
                     outputs = {}
                     written: dict[str, Path] = {}
@@ -575,10 +589,10 @@ def main(argv: list[str] | None = None) -> int:
                             fsync_file(server.image)
                         if test.name == "seq write":
                             same, clean, detail = verify_written(
-                                written[label], images["src"], label == "ours"
+                                written[label], images["src"], label != "qemu"
                             )
                             same_as_source[label].append(same)
-                            if label == "ours":
+                            if label != "qemu":
                                 ours_clean.append(clean)
                             if detail:
                                 print(f"  seq write / {label}, round {rnd + 1}: {detail}", file=sys.stderr)
@@ -588,9 +602,11 @@ def main(argv: list[str] | None = None) -> int:
                             written.pop(label).unlink()
                         if args.verbose:
                             print(f"  round {rnd + 1} {test.name:22} {label:5} {fmt_value(test.unit, value)}")
-                    if outputs.get("qemu") is not None and outputs.get("ours") is not None:
-                        if outputs["qemu"] != outputs["ours"] and test.name not in mismatch:
-                            mismatch.append(test.name)
+                    reference = outputs.get("qemu")
+                    for output in outputs.values():
+                        if reference is not None and output is not None and output != reference:
+                            if test.name not in mismatch:
+                                mismatch.append(test.name)
                     for path in written.values():  # left by a failed run
                         path.unlink(missing_ok=True)
                 print(f"  round {rnd + 1}/{args.rounds} done ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -603,16 +619,33 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print("Medians of the rounds; ± is half the min-max range, relative to the median.")
-    print("ratio = our time / qemu-nbd time; for IOPS rows qemu IOPS / our IOPS (time per request).")
-    print("Below 1.00: qcow2-nbd is faster.")
+    print("ratio = our time / the other's, per round (the same round's runs paired), then the median;")
+    print("for IOPS rows their IOPS / ours (time per request).  Below 1.00: qcow2-nbd is faster.")
     print()
-    head = f"{'test':22} {'qemu-nbd':>21} {'qcow2-nbd':>21} {'ratio':>6}  what"
+    names = {"qemu": "qemu-nbd", "ours": "qcow2-nbd", "before": "before"}
+    head = f"{'test':22} " + " ".join(f"{names[label]:>21}" for label in labels) + f" {'ratio':>6}"
+    if args.before:
+        head += f" {'/before':>7}"
+    head += "  what"
     print(head)
     print("-" * len(head))
+
+    def paired(test: Test, other: str) -> str:
+        mine, theirs = samples.get((test.name, "ours")), samples.get((test.name, other))
+        if (
+            not mine
+            or not theirs
+            or len(mine) != len(theirs)
+            or {(test.name, "ours"), (test.name, other)} & set(errors)
+        ):
+            return "-"
+        ratios = [m / t if test.unit == "s" else t / m for m, t in zip(mine, theirs, strict=True) if m and t]
+        return f"{statistics.median(ratios):.2f}" if ratios else "-"
+
     for t in tests:
         med: dict[str, float | None] = {}
         cells = {}
-        for label in ("qemu", "ours"):
+        for label in labels:
             vals = samples.get((t.name, label))
             if not vals or (t.name, label) in errors:
                 med[label] = None
@@ -621,15 +654,16 @@ def main(argv: list[str] | None = None) -> int:
             m = med[label] = statistics.median(vals)
             spread = (max(vals) - min(vals)) / 2 / m * 100 if m else 0.0
             cells[label] = f"{fmt_value(t.unit, m)} ±{spread:.0f}%"
-        ratio = "-"
-        if med["qemu"] and med["ours"]:
-            r = med["ours"] / med["qemu"] if t.unit == "s" else med["qemu"] / med["ours"]
-            ratio = f"{r:.2f}"
         extra = ""
         if t.name.startswith("seq") and med["qemu"] and med["ours"]:
             mib = args.seq_size / (1 << 20)
             extra = f" ({mib / med['qemu']:,.0f} vs {mib / med['ours']:,.0f} MiB/s)"
-        print(f"{t.name:22} {cells['qemu']:>21} {cells['ours']:>21} {ratio:>6}  {t.note}{extra}")
+        row = (
+            f"{t.name:22} " + " ".join(f"{cells[label]:>21}" for label in labels) + f" {paired(t, 'qemu'):>6}"
+        )
+        if args.before:
+            row += f" {paired(t, 'before'):>7}"
+        print(f"{row}  {t.note}{extra}")
     print()
     checked = [t.name for t in tests if t.name.startswith("map")]
     if checked:
@@ -639,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"map outputs identical to qemu-nbd's: {', '.join(checked)}")
     bad_writes = False
     if any(t.name == "seq write" for t in tests):
-        q, o = same_as_source["qemu"], same_as_source["ours"]
+        q, o = same_as_source["qemu"], [x for label in labels[1:] for x in same_as_source[label]]
         bad_writes = not (q and o and ours_clean and all(q + o + ours_clean))
         flag = "SEQ WRITE CHECK FAILED: " if bad_writes else ""
         print(
@@ -649,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for t in tests:
         if t.fresh_size and t.name != "seq write":
-            shares = ", ".join(f"{label} {allocated[t.name, label]:.1%}" for label in ("qemu", "ours")
+            shares = ", ".join(f"{label} {allocated[t.name, label]:.1%}" for label in labels
                                if (t.name, label) in allocated)  # fmt: skip
             print(f"{t.name}: writes that allocated a new cluster (qemu-img map, round 1): {shares}")
     print(f"load average (1/5/15 min): {load_before} at start, {load_after} at end")
