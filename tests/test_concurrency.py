@@ -104,6 +104,55 @@ def test_reads_are_not_held_up_by_a_whole_disk_depth_map(tmp_path: Path, recipe:
     )
 
 
+def test_reads_are_not_held_up_by_pipelined_whole_disk_depth_queries(tmp_path: Path, recipe: Recipe) -> None:
+    """The issue's pattern: one client sends 8 whole-disk allocation-depth queries at once
+    (each answered with a capped reply), another reads meanwhile."""
+    size = 128 * MiB
+    content = _fragmented(recipe, size)
+    image = recipe.image("f.qcow2")
+    replies: list[int] = []
+
+    def on_extents(context: str, offset: int, entries: list[int], err: int) -> int:
+        replies.append(len(entries) // 2)
+        return 0
+
+    with our_nbd(image, tmp_path / "ours") as srv:
+        mapper = nbd.NBD()
+        mapper.add_meta_context("qemu:allocation-depth")
+        mapper.connect_uri(srv.uri)
+        reader = nbd.NBD()
+        reader.connect_uri(srv.uri)
+        reader.pread(4096, 0)
+        for _ in range(8):
+            mapper.aio_block_status(size, 0, on_extents)
+        latencies, stop = [], threading.Event()
+
+        def read_meanwhile() -> None:
+            rng = random.Random(2)
+            while not stop.is_set():
+                offset = rng.randrange(size // 4096) * 4096
+                t0 = time.monotonic()
+                data = reader.pread(4096, offset)
+                latencies.append(time.monotonic() - t0)
+                assert data == content[offset : offset + 4096], offset
+
+        t = threading.Thread(target=read_meanwhile)
+        t.start()
+        try:
+            while mapper.aio_in_flight() > 0:
+                mapper.poll(-1)
+        finally:
+            stop.set()
+            t.join(30)
+        mapper.shutdown(), reader.shutdown()
+    assert replies == [131072] * 8, "each whole-disk query gets one capped reply (qemu-nbd's 1 MiB / 8)"
+    assert len(latencies) >= 20, f"only {len(latencies)} reads while the queries ran: the test shows nothing"
+    slow = sorted(latencies)[-3:]
+    assert max(latencies) < READ_DEADLINE, (
+        f"{len(latencies)} reads during the queries, slowest {[f'{x * 1000:.0f} ms' for x in slow]}"
+    )
+
+
 # --- (b) reads from several connections overlap ---------------------------------------------------
 
 DELAY = 0.3
