@@ -203,16 +203,18 @@ HANDLERS: dict[int, Handler] = {
 
 
 # The group each command belongs to for the disk's thread model.
-ACCESS: dict[int, Access] = {
-    Cmd.READ: Access.READ,
-    Cmd.CACHE: Access.READ,
-    Cmd.BLOCK_STATUS: Access.READ,
-    Cmd.FLUSH: Access.FLUSH,
-    Cmd.WRITE: Access.WRITE,
-    Cmd.WRITE_ZEROES: Access.WRITE,
-    Cmd.TRIM: Access.WRITE,
+# (Plain ints, as in requests.RULES: enum members on the per-request path cost lookups.)
+ACCESS: dict[int, int] = {
+    int(Cmd.READ): int(Access.READ),
+    int(Cmd.CACHE): int(Access.READ),
+    int(Cmd.BLOCK_STATUS): int(Access.READ),
+    int(Cmd.FLUSH): int(Access.FLUSH),
+    int(Cmd.WRITE): int(Access.WRITE),
+    int(Cmd.WRITE_ZEROES): int(Access.WRITE),
+    int(Cmd.TRIM): int(Access.WRITE),
 }
-SELF_GATED = frozenset({Cmd.BLOCK_STATUS})  # takes its turns at the gate slice by slice
+SELF_GATED = frozenset({int(Cmd.BLOCK_STATUS)})  # takes its turns at the gate slice by slice
+_READ_ACCESS = int(Access.READ)
 
 
 def run(
@@ -236,7 +238,7 @@ def run(
     if gated and not export.gate.enter(access, wait):
         return None
     try:
-        if wait or access != Access.READ:
+        if wait or access != _READ_ACCESS:
             return handler(export, req, state, payload)
         with without_waiting:
             return handler(export, req, state, payload)

@@ -23,6 +23,9 @@ from contextlib import contextmanager
 
 from qcow2.contract import Access, ThreadModel
 
+# Plain ints on the per-request path: an enum member costs an attribute lookup each time.
+_READ, _FLUSH, _WRITE = int(Access.READ), int(Access.FLUSH), int(Access.WRITE)
+
 
 class RequestGate:
     def __init__(self, model: ThreadModel) -> None:
@@ -41,16 +44,16 @@ class RequestGate:
             return False
         if not self._shared_reads:
             return not (self._readers or self._flushing)
-        if access == Access.READ:
+        if access == _READ:
             return True
-        if access == Access.FLUSH:
+        if access == _FLUSH:
             return not self._flushing
         return not (self._readers or self._flushing)
 
     def _admit(self, access: Access) -> None:
-        if access == Access.READ:
+        if access == _READ:
             self._readers += 1
-        elif access == Access.FLUSH:
+        elif access == _FLUSH:
             self._flushing = True
         else:
             self._writing = True
@@ -61,8 +64,11 @@ class RequestGate:
             return True
         with self._lock:
             if not self._queue:
-                if access == Access.READ and self._shared_reads and not self._writing:
-                    self._readers += 1  # the common case, decided without another call
+                if access == _READ and self._shared_reads and not self._writing:
+                    self._readers += 1  # the common cases, decided without another call
+                    return True
+                if access == _WRITE and not (self._writing or self._readers or self._flushing):
+                    self._writing = True
                     return True
                 if self._admissible(access):
                     self._admit(access)
@@ -84,9 +90,9 @@ class RequestGate:
         if self._parallel:
             return
         with self._lock:
-            if access == Access.READ:
+            if access == _READ:
                 self._readers -= 1
-            elif access == Access.FLUSH:
+            elif access == _FLUSH:
                 self._flushing = False
             else:
                 self._writing = False

@@ -165,7 +165,7 @@ class ChainDisk(Disk):
     def _writer(self, offset: int = 0, length: int = 0):
         if self.writer is None:
             raise OSError(errno.EPERM, "the disk is read-only")
-        if offset < 0 or length < 0 or offset + length > self.size:
+        if offset < 0 or length < 0 or offset + length > self.top.size:
             raise OSError(errno.ENOSPC, "request beyond the end of the disk")
         return self.writer
 

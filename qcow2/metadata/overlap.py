@@ -12,7 +12,7 @@ the one QEMU would name (lowest in its list) is reported.
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, insort
 
 # QEMU's metadata_ol_names, in its bit order (the message names the first hit).
 HEADER = "qcow2_header"
@@ -49,6 +49,7 @@ class MetadataMap:
         self.cluster_size = 1 << cluster_bits
         self._regions: dict[str, list[tuple[int, int]]] = {HEADER: [(0, self.cluster_size)]}
         self._clusters: dict[str, list[int]] = {kind: [] for kind in _CLUSTER_KINDS}
+        self._l2, self._blocks = self._clusters[ACTIVE_L2], self._clusters[REFCOUNT_BLOCK]
         self._index: tuple[list[int], list[int], list[tuple[int, int, str]]] | None = None
 
     # -- keeping it current ---------------------------------------------------------
@@ -59,7 +60,7 @@ class MetadataMap:
         self._index = None
 
     def set_clusters(self, what: str, clusters) -> None:
-        self._clusters[what] = sorted(set(clusters))
+        self._clusters[what][:] = sorted(set(clusters))  # in place: find() holds the lists
 
     def add_cluster(self, what: str, cluster: int) -> None:
         lst = self._clusters[what]
@@ -79,24 +80,30 @@ class MetadataMap:
         """The metadata a write of ``length`` bytes at ``offset`` would hit, or None.
 
         As in QEMU, the write is widened to whole clusters, the structures are not.
+        Runs before every write: the usual answer (no hit) costs three bisections.
         """
         if length <= 0:
             return None
-        cs = self.cluster_size
-        lo = offset & ~(cs - 1)
-        hi = -(-(offset + length) // cs) * cs
-        hits = []
-        starts, max_ends, regions = self._sorted_regions()
+        cbits = self.cluster_bits
+        first = offset >> cbits
+        last = (offset + length - 1) >> cbits
+        lo, hi = first << cbits, (last + 1) << cbits
+        starts, max_ends, regions = self._index or self._sorted_regions()
         k = bisect_left(starts, hi)  # regions starting before the write's end
-        if k and max_ends[k - 1] > lo:
-            hits += [what for start, end, what in regions[:k] if end > lo and what not in ignore]
-        first, last = lo >> self.cluster_bits, (hi >> self.cluster_bits) - 1
-        for what in _CLUSTER_KINDS:
-            if what in ignore:
-                continue
-            lst = self._clusters[what]
-            if bisect_right(lst, last) > bisect_left(lst, first):
-                hits.append(what)
+        region_hit = k and max_ends[k - 1] > lo
+        l2, blocks = self._l2, self._blocks
+        i, j = bisect_left(l2, first), bisect_left(blocks, first)
+        l2_hit = i < len(l2) and l2[i] <= last
+        block_hit = j < len(blocks) and blocks[j] <= last
+        if not (region_hit or l2_hit or block_hit):
+            return None
+        hits = []
+        if region_hit:
+            hits = [what for start, end, what in regions[:k] if end > lo and what not in ignore]
+        if l2_hit and ACTIVE_L2 not in ignore:
+            hits.append(ACTIVE_L2)
+        if block_hit and REFCOUNT_BLOCK not in ignore:
+            hits.append(REFCOUNT_BLOCK)
         return min(hits, key=_RANK.__getitem__) if hits else None
 
     def _sorted_regions(self) -> tuple[list[int], list[int], list[tuple[int, int, str]]]:

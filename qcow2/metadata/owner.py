@@ -83,6 +83,7 @@ class ImageMetadata:
         # Write state (an image opened read-only never changes any of it).
         self.corrupt = False
         self.dirty_marked = False
+        self.updating = False  # begin_update has run and nothing since needs it again
         self._dirty_l1: set[int] = set()
         self._pending_frees: list[tuple[int, bool]] = []  # old L2 entries, and whether discarded
         self._pending_cluster_frees: list[int] = []  # old L2 tables
@@ -107,6 +108,7 @@ class ImageMetadata:
         """After a repair rewrote them: read the refcount structure again."""
         self.refcounts = self._load_refcounts()
         self._map_version = -1
+        self.updating = False  # the next change sets the dirty bit (and lazy mode) again
 
     def _read_snapshots(self) -> tuple[list[Snapshot], int]:
         h = self.header
@@ -195,12 +197,15 @@ class ImageMetadata:
         With lazy refcounts the refcount blocks themselves wait too, and the
         dirty bit is what makes the next opener rebuild them.
         """
+        if self.updating:
+            return
         if self.corrupt:
             raise OSError(errno.EIO, "image is marked corrupt")
         if not self.dirty_marked and self.header.version >= 3:
             self._set_incompatible(self.header.incompatible_features | L.INCOMPAT_DIRTY)
             self.refcounts.lazy = self.header.lazy_refcounts
             self.dirty_marked = True
+        self.updating = True
 
     def set_corrupt_bit(self) -> None:
         """QEMU's qcow2_mark_corrupt: the image may not be opened read-write any more."""
@@ -210,6 +215,7 @@ class ImageMetadata:
         """Corruption found while writing: set the corrupt bit, fail the request with EIO."""
         log.error("%s: marking image as corrupt: %s", self.filename, why)
         self.corrupt = True
+        self.updating = False
         self.set_corrupt_bit()
         raise OSError(errno.EIO, f"{self.filename}: {why}")
 
@@ -263,7 +269,11 @@ class ImageMetadata:
     def check_data_write(self, host: int, length: int) -> None:
         """The same for guest data; a data file holds no metadata."""
         if self.data_file is None:
-            self.check_write(host, length)
+            m = self._map
+            if m is None or self._map_version != self.refcounts.version:
+                m = self.map
+            if m.find(host, length) is not None:
+                self.check_write(host, length)
 
     def write_synced(self, offset: int, data: bytes) -> None:
         """A repair's metadata write: on disk before the next step."""
@@ -411,3 +421,4 @@ class ImageMetadata:
             self._set_incompatible(self.header.incompatible_features & ~L.INCOMPAT_DIRTY)
             self.dirty_marked = False
             self.refcounts.lazy = False
+        self.updating = False

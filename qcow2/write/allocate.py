@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..format import layout as L
 from ..format.l2 import (
     COMPRESSED,
+    INVALID,
     NORMAL,
     UNALLOCATED_ALLOCATED,
     UNALLOCATED_PLAIN,
@@ -86,11 +87,14 @@ class DataWrites:
         """QEMU's calculate_l2_meta + perform_cow + link_l2 for ``n`` clusters at ``host``."""
         layout, core = self.layout, self.core
         cs, scs = layout.cluster_size, layout.subcluster_size
-        sc_index = layout.subcluster_index
+        sbits, sc_mask = layout.subcluster_bits, layout.subclusters - 1
         entries, bitmaps = table.entries, table.bitmaps
         guest_base = offset & ~(cs - 1)
         cow_start_to = offset - guest_base
         cow_end_from = cow_start_to + len(data)
+
+        def sc_index(rel: int) -> int:
+            return (rel >> sbits) & sc_mask
 
         def range_type(i: int, sc: int):
             return core.range_type(table, l2_index + i, sc, l2_offset)
@@ -98,9 +102,14 @@ class DataWrites:
         skip_cow = in_place
         for i in range(n):
             if skip_cow:
-                first_sc = sc_index(max(cow_start_to, i * cs))
-                last_sc = sc_index(min(cow_end_from, (i + 1) * cs) - 1)
-                t, cnt = range_type(i, first_sc)
+                first_sc = ((cow_start_to if cow_start_to > i * cs else i * cs) >> sbits) & sc_mask
+                end = cow_end_from if cow_end_from < (i + 1) * cs else (i + 1) * cs
+                last_sc = ((end - 1) >> sbits) & sc_mask
+                t, cnt = layout.range_type(
+                    entries[l2_index + i], bitmaps[l2_index + i] if bitmaps else 0, first_sc
+                )
+                if t == INVALID:
+                    core.range_type(table, l2_index + i, first_sc, l2_offset)  # raises, naming the table
                 if t != NORMAL or first_sc + cnt <= last_sc:
                     skip_cow = False
             else:

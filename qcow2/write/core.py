@@ -56,16 +56,18 @@ class L2Update:
     def table_for_update(self, offset: int) -> tuple[int, L2Table, int]:
         """(L2 offset, table, index) covering guest ``offset``, the table ours alone to change."""
         meta, layout = self.meta, self.layout
-        l1_index = layout.l1_index(offset)
-        if l1_index >= len(meta.l1):
+        cbits = layout.cluster_bits
+        l1_index = offset >> (cbits + layout.bits)
+        l1 = meta.l1
+        if l1_index >= len(l1):
             raise OSError(errno.ENOSPC, "write beyond the L1 table")
-        l1e = meta.l1[l1_index]
+        l1e = l1[l1_index]
         l2_offset = l1e & L.L1E_OFFSET_MASK
         if l2_offset and l1e & L.QCOW_OFLAG_COPIED:
-            table = meta.l2_table(l2_offset)
+            table = meta.l2_tables.get(l2_offset)
         else:
             l2_offset, table = meta.allocate_l2(l1_index)
-        return l2_offset, table, layout.l2_index(offset)
+        return l2_offset, table, (offset >> cbits) & (layout.entries - 1)
 
     def range_type(self, table: L2Table, index: int, sc: int, l2_offset: int) -> tuple[SubclusterType, int]:
         t, count = self.layout.range_type(table.entries[index], table.bitmap(index), sc)
