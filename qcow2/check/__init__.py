@@ -1,6 +1,7 @@
 """Consistency check and repair: what ``qemu-img check [-r leaks|all]`` does.
 
-``engine`` counts references and finds what is wrong, ``repair`` writes the
+``counting`` counts every reference in memory, ``engine`` compares the counts
+with the refcounts on disk and finds what is wrong, ``repair`` writes the
 fixes, ``tool`` is the command (text, JSON, exit codes), ``dirty`` the
 repair a dirty image gets when it is opened read-write.
 """
