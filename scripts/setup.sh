@@ -25,9 +25,10 @@ VENV=${VENV:-$ROOT/.venv}
 #   python3-libnbd  the libnbd Python binding (`import nbd`, for tests and examples)
 #   python3-venv    the venv module, with pip for it
 #   fio             the benchmark's random-read load (nbd engine)
+#   nbdkit          the benchmark's C baseline (file plugin on the raw equivalent)
 #   util-linux      fallocate (test images with punched holes)
 #   ca-certificates pip talks HTTPS to PyPI
-APT_PACKAGES=(qemu-utils libnbd-bin file python3-libnbd python3-venv fio util-linux ca-certificates)
+APT_PACKAGES=(qemu-utils libnbd-bin file python3-libnbd python3-venv fio nbdkit util-linux ca-certificates)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
