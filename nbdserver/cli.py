@@ -18,6 +18,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 from collections.abc import Callable
 
 import qcow2
@@ -177,6 +178,12 @@ def _daemonize() -> int:
     return wfd
 
 
+def _load_map_code() -> None:
+    """Import the block-status code (numpy) once listening: start-up does not wait for it,
+    and the first map does not pay for it unless it comes within a tenth of a second."""
+    import qcow2.extentmap  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
@@ -213,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             os.close(ready_fd)
             ready_fd = -1
         keep_buffers_on_the_heap()
+        if export.disk.can_extents:
+            threading.Thread(target=_load_map_code, name="nbd-warm-up", daemon=True).start()
         with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
             runner.run(serve(export, listener, args.shared))
         # Every request has finished: flush and mark the image clean before

@@ -30,16 +30,14 @@ _NO_HOLE, _FAST_ZERO = int(CmdFlag.NO_HOLE), int(CmdFlag.FAST_ZERO)
 
 Buffers = list[bytes | memoryview]
 Handler = Callable[[Export, Request, Negotiated, "memoryview | None"], Buffers]
-# Long block status is computed in slices: each slice one turn at the gate (writers get in
-# between) and at most SLICE_SECONDS of CPU, after which the worker lets go of the GIL for
-# YIELD_SECONDS if anyone else uses the export.  Without that pause, CPython's GIL convoy
-# starves the event loop: every time the loop thread gives the GIL up for a system call, it
-# waits a whole switch interval to get it back, and one 4 KiB read of another client took as
-# long as the whole map.
-STATUS_SLICE = 4096
-SLICE_SECONDS = 0.004
+# Long block status is computed one map window at a time (a bounded amount of work: see
+# qcow2.extentmap): each window one turn at the gate (writers get in between), after which
+# the worker lets go of the GIL for YIELD_SECONDS if anyone else uses the export.  Without
+# that pause, CPython's GIL convoy starves the event loop: every time the loop thread gives
+# the GIL up for a system call, it waits a whole switch interval to get it back, and one
+# 4 KiB read of another client took as long as the whole map.
 YIELD_SECONDS = 0.0005
-# One slice at a time in the whole process, its pause included: they are CPU-bound Python, the
+# One window at a time in the whole process, its pause included: they are CPU-bound Python, the
 # GIL runs one of them anyway, and with several at once the event loop competed with all of
 # them (16 pipelined whole-disk maps: another client's reads took 69 ms at the median).
 _SLICE_TURN = threading.Lock()
@@ -105,10 +103,10 @@ def do_read(export: Export, req: Request, state: Negotiated, payload: memoryview
 
 
 def do_block_status(export: Export, req: Request, state: Negotiated, payload: memoryview | None) -> Buffers:
-    """Extents in slices of at most STATUS_SLICE, each slice one turn at the gate.
+    """Extents one map window at a time, each window one turn at the gate.
 
     At most MAX_EXTENTS descriptors per context (qemu-nbd's cap): a client
-    asks again from where the reply ended.  Between slices, requests that
+    asks again from where the reply ended.  Between windows, requests that
     were waiting (writes) get their turn; what the reply describes may then
     mix the states before and after them, as for any overlapping requests.
     """
@@ -121,21 +119,23 @@ def do_block_status(export: Export, req: Request, state: Negotiated, payload: me
         if pos >= end:
             break
         with _SLICE_TURN:
-            deadline = time.monotonic() + SLICE_SECONDS
             with gate.entered(Access.READ):
-                taken = reply.take(disk.extents(pos, end - pos), STATUS_SLICE, deadline)
-            if taken and not reply.complete and export.contended():
+                window = disk.extent_map(pos, end - pos)
+            reply.take_map(window)
+            if not reply.complete and export.contended():
                 time.sleep(YIELD_SECONDS)
-        if not taken:
+        if window.end <= pos:
             break
-    per_context = reply.descriptors
-    if any(not d for d in per_context):
+    if reply.done <= 0:
         return error_reply(req, True, Err.EIO, "the disk returned no extents")
-    last = len(per_context) - 1
-    return [
-        wire.block_status_chunk(req.cookie, context_id, descriptors, done=i == last)
-        for i, ((context_id, _), descriptors) in enumerate(zip(state.contexts, per_context, strict=True))
-    ]
+    last = len(state.contexts) - 1
+    chunks: Buffers = []
+    for i, (context_id, _) in enumerate(state.contexts):
+        lengths, statuses = reply.arrays(i)
+        chunks.append(
+            wire.block_status_chunk_arrays(req.cookie, context_id, lengths, statuses, done=i == last)
+        )
+    return chunks
 
 
 def do_write(export: Export, req: Request, state: Negotiated, payload: memoryview | None) -> Buffers:

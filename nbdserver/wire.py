@@ -160,6 +160,20 @@ def error_chunk(cookie: int, error: int, message: str = "", done: bool = True) -
     return header + text
 
 
+def block_status_chunk_arrays(cookie: int, context_id: int, lengths, statuses, done: bool) -> bytes:
+    """A BLOCK_STATUS chunk from numpy arrays of lengths and statuses (at least one)."""
+    import numpy as np  # only maps need numpy; start-up does not
+
+    pairs = np.empty((len(lengths), 2), dtype=">u4")
+    pairs[:, 0] = lengths
+    pairs[:, 1] = statuses
+    flags = REPLY_FLAG_DONE if done else 0
+    header = STATUS_CHUNK.pack(
+        STRUCTURED_REPLY_MAGIC, flags, _STATUS, cookie, 4 + 8 * len(lengths), context_id
+    )
+    return header + pairs.tobytes()
+
+
 def block_status_chunk(cookie: int, context_id: int, extents: Sequence[tuple[int, int]], done: bool) -> bytes:
     """A BLOCK_STATUS chunk: ``extents`` are (length, status) pairs, at least one."""
     flat = array("I")

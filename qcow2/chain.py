@@ -17,7 +17,7 @@ import errno
 import os
 from collections.abc import Iterator
 
-from .contract import Buffer, Disk, Extent, SparseRun, ThreadModel
+from .contract import Buffer, Disk, Extent, ExtentMap, SparseRun, ThreadModel
 from .hostfile import HostFile
 from .status import ALLOCATED, DATA, OFFSET_VALID, ZERO, Layer, status_above
 
@@ -56,6 +56,11 @@ class ChainDisk(Disk):
         self.top = top
         self.writer = writer
         self.thread_model = ThreadModel.PARALLEL if isinstance(top, HostFile) else ThreadModel.PARALLEL_READS
+        window, layer = top.map_window, top
+        while layer is not None:  # one window is cheap on every layer
+            window = min(window, layer.map_window)
+            layer = layer.backing
+        self.map_window = window
 
     @property
     def size(self) -> int:
@@ -79,10 +84,18 @@ class ChainDisk(Disk):
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
         end = min(offset + length, self.top.size)
         while offset < end:
-            st, depth = status_above(self.top, offset, end - offset)
-            flags = st.flags
-            yield Extent(st.length, bool(flags & DATA), bool(flags & ZERO), depth if flags & ALLOCATED else 0)
-            offset += st.length
+            m = self.extent_map(offset, end - offset)
+            yield from m.extents()
+            offset = m.end
+
+    def extent_map(self, offset: int, length: int) -> ExtentMap:
+        """One window of the chain (see :mod:`qcow2.extentmap`): whole L2 tables of every
+        layer classified at once, the layers merged by array operations."""
+        from .extentmap import merge_chain  # numpy: loaded with the first map, not at start-up
+
+        end = min(offset + length, self.top.size, offset + self.map_window)
+        bounds, flags, depth = merge_chain(self.top, offset, end)
+        return ExtentMap(bounds, flags & (DATA | ZERO), depth)
 
     def read_sparse(self, offset: int, length: int) -> list[SparseRun]:
         """One walk of the mapping for both questions: where the zeros are, and where the data lives.

@@ -2,8 +2,8 @@
 
 In the spirit of nbdkit's plugin API, a :class:`Disk` states its size, what
 it can do (``can_*``), how its calls may overlap (:class:`ThreadModel`),
-and offers read / read_sparse / extents / write / write_zeroes / trim /
-flush / cache / close.  Every method and capability has a documented
+and offers read / read_sparse / extents / extent_map / write / write_zeroes /
+trim / flush / cache / close.  Every method and capability has a documented
 default, so a small disk overrides only what it really does.  Raw files and
 qcow2 chains look alike through it; the server asks it and nothing else.
 
@@ -27,7 +27,7 @@ ZERO_WRITE_CHUNK = 1 << 20
 class ThreadModel(IntEnum):
     """How calls to one disk may overlap; the caller (the server) enforces it.
 
-    Calls are grouped into *reads* (read, read_sparse, extents, cache),
+    Calls are grouped into *reads* (read, read_sparse, extents, extent_map, cache),
     *flush*, and *writes* (write, write_zeroes, trim, resize); close comes
     after everything else.
     """
@@ -125,6 +125,44 @@ def read_plan(extents: Iterable[Extent], offset: int, length: int) -> list[tuple
     return runs
 
 
+EXTENT_DATA = 1  # ExtentMap.flags bits
+EXTENT_ZERO = 2
+
+
+@dataclass(frozen=True)
+class ExtentMap:
+    """Consecutive extents as numpy arrays, for callers that describe many at once.
+
+    Extent ``i`` covers ``bounds[i] .. bounds[i+1]`` (int64, one more than
+    extents); ``flags[i]`` holds :data:`EXTENT_DATA` / :data:`EXTENT_ZERO`
+    (uint8); ``depth[i]`` is :attr:`Extent.depth` (uint32).
+    """
+
+    bounds: object
+    flags: object
+    depth: object
+
+    @classmethod
+    def of(cls, extents: Iterable[Extent], offset: int) -> ExtentMap:
+        import numpy as np  # only maps need numpy; start-up does not
+
+        bounds, flags, depth = [offset], [], []
+        for e in extents:
+            bounds.append(bounds[-1] + e.length)
+            flags.append((EXTENT_DATA if e.data else 0) | (EXTENT_ZERO if e.zero else 0))
+            depth.append(e.depth)
+        return cls(np.array(bounds, np.int64), np.array(flags, np.uint8), np.array(depth, np.uint32))
+
+    @property
+    def end(self) -> int:
+        return int(self.bounds[-1])
+
+    def extents(self) -> Iterator[Extent]:
+        lengths = (self.bounds[1:] - self.bounds[:-1]).tolist()
+        for n, f, d in zip(lengths, self.flags.tolist(), self.depth.tolist(), strict=True):
+            yield Extent(n, bool(f & EXTENT_DATA), bool(f & EXTENT_ZERO), d)
+
+
 class Disk:
     """Base class and written contract of every disk; the defaults are those of a plain read-only disk.
 
@@ -176,6 +214,12 @@ class Disk:
         """Consecutive extents from ``offset`` covering exactly ``length`` bytes (neighbours may
         share a status; callers merge).  Default: one data extent at depth 1."""
         yield Extent(length, True, False, 1)
+
+    def extent_map(self, offset: int, length: int) -> ExtentMap:
+        """Extents from ``offset`` as arrays, covering at least one byte and at most ``length``:
+        as much as the disk describes cheaply in one go (callers ask again from
+        where it ended).  Default: :meth:`extents` of the whole range."""
+        return ExtentMap.of(self.extents(offset, length), offset)
 
     def read_sparse(self, offset: int, length: int) -> list[SparseRun]:
         """The range as runs of data (a buffer) and runs that read as zeros (None).

@@ -50,6 +50,7 @@ class HostFile:
 
     supports_backing = False
     backing = None
+    map_window = 1 << 30  # bytes of SEEK_DATA / SEEK_HOLE per block-status window
 
     def __init__(self, filename: str, writable: bool = False, *, create: bool = False) -> None:
         self.filename = filename
@@ -82,6 +83,12 @@ class HostFile:
         if hole <= offset:
             return Status(DATA | OFFSET_VALID, length, offset, self)
         return Status(DATA | OFFSET_VALID, hole - offset, offset, self)
+
+    def status_runs(self, start: int, end: int):
+        """Holes and data by SEEK_HOLE / SEEK_DATA, as arrays (see :mod:`qcow2.extentmap`)."""
+        from .extentmap import generic_runs  # numpy: loaded with the first map, not at start-up
+
+        return generic_runs(self, start, end)
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         """Read ``len(buf)`` bytes; bytes past the end of the file read as zeros."""

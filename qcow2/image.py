@@ -25,6 +25,8 @@ from .hostfile import HostFile, zero_fill
 from .metadata.owner import ImageMetadata
 from .status import DATA, OFFSET_VALID, RECURSE, ZERO, Layer, Status
 
+MAP_WINDOW_CLUSTERS = 1 << 18  # L2 entries one block-status window classifies at most
+
 _STATUS_FLAGS = {
     NORMAL: DATA | OFFSET_VALID,
     COMPRESSED: DATA,
@@ -55,6 +57,7 @@ class Qcow2Image:
         self.cluster_size = meta.cluster_size
         self.subcluster_size = meta.layout.subcluster_size
         self.size = meta.header.size // 512 * 512  # QEMU counts whole sectors
+        self.map_window = MAP_WINDOW_CLUSTERS << self.cluster_bits
         self._compressed_cache: tuple[int, bytes] | None = None
         self._metadata_prealloc: bool | None = None
         self._l1 = meta.l1  # the owner changes this list in place, never replaces it
@@ -145,6 +148,11 @@ class Qcow2Image:
         if flags & DATA and flags & OFFSET_VALID and prealloc:
             flags |= RECURSE
         return Status(flags, n, host, self.data if flags & OFFSET_VALID else None)
+
+    def status_runs(self, start: int, end: int):
+        from .extentmap import qcow2_runs  # numpy: loaded with the first map, not at start-up
+
+        return qcow2_runs(self, start, end)
 
     def metadata_preallocated(self) -> bool:
         """QEMU's heuristic: far more clusters in use than the host file really stores."""

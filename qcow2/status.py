@@ -35,11 +35,17 @@ class Layer(Protocol):
     size: int  # what QEMU's bdrv_getlength says for this node
     backing: Layer | None
     supports_backing: bool
+    map_window: int  # bytes one status_runs call should cover at most (bounded work)
 
     def driver_status(self, offset: int, length: int, want_zero: bool) -> Status:
         """The driver's own answer for ``[offset, offset+length)`` (length > 0, in range)."""
 
     def readinto(self, offset: int, buf: memoryview) -> None: ...
+
+    def status_runs(self, start: int, end: int):
+        """This layer's status over ``[start, end)`` (end <= size) as arrays, see
+        :mod:`qcow2.extentmap`: (bounds, codes), code 0 where the layer does not
+        allocate, else its DATA / ZERO bits with ALLOCATED."""
 
 
 def layer_status(layer: Layer, offset: int, length: int, want_zero: bool = True) -> Status:
