@@ -59,6 +59,7 @@ class HostFile:
             flags |= os.O_CREAT | os.O_TRUNC
         self.fd = os.open(filename, flags | os.O_CLOEXEC, 0o644)
         self.can_nowait = hasattr(os, "RWF_NOWAIT")  # until the filesystem says otherwise
+        self._has_zero_range = self._has_punch_hole = self._has_fallocate = True  # likewise
         self.refresh_size()
 
     def refresh_size(self) -> None:
@@ -156,19 +157,46 @@ class HostFile:
         view = memoryview(data)
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], offset + done)
-        if offset + done > self.file_size:
-            self.refresh_size()
+        if offset + done > self.file_size:  # the write made the file this long
+            self.file_size = offset + done
+            self.size = -(-self.file_size // SECTOR) * SECTOR
 
     def zero_range(self, offset: int, length: int) -> bool:
-        """Zero without writing data (unwritten extents); False if the filesystem can't."""
+        """Zero without writing data; False if the filesystem can't.
+
+        QEMU's order (file-posix, handle_aiocb_write_zeroes): FALLOC_FL_ZERO_RANGE
+        (unwritten extents); else punch a hole and allocate it again (tmpfs has
+        no ZERO_RANGE); else, past the end of the file, plain allocation (what
+        lies there reads as zeros already).  What the filesystem refuses once is
+        not asked again.  Past the end of the file the last step comes first: the
+        same blocks end up allocated (QEMU's maps of an image depend on that),
+        for one system call instead of two.
+        """
+        done = False
+        if offset >= self.file_size and self._has_fallocate:  # one call where QEMU's chain ends
+            done = self._try_fallocate(0, offset, length, "_has_fallocate")
+        if not done and self._has_zero_range:
+            done = self._try_fallocate(FALLOC_FL_ZERO_RANGE, offset, length, "_has_zero_range")
+        if not done and self._has_punch_hole:
+            punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            done = self._try_fallocate(punch, offset, length, "_has_punch_hole") and self._try_fallocate(
+                0, offset, length, "_has_fallocate"
+            )
+        if done and offset + length > self.file_size:
+            self.refresh_size()
+        return done
+
+    def _try_fallocate(self, mode: int, offset: int, length: int, capability: str) -> bool:
+        """fallocate; False if the filesystem refuses (and, if it cannot at all, never again)."""
         try:
-            fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length)
+            fallocate(self.fd, mode, offset, length)
         except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                setattr(self, capability, False)
+                return False
+            if e.errno == errno.EINVAL:
                 return False
             raise
-        if offset + length > self.file_size:
-            self.refresh_size()
         return True
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False, fast: bool = False) -> None:

@@ -20,6 +20,14 @@ from ..image import Qcow2Image
 from ..metadata.owner import ImageMetadata
 from ..status import ZERO, status_above
 
+# Without a backing file these read as zeros whatever want_zero says (status.layer_status).
+_READS_AS_ZERO_ALONE = (
+    SubclusterType.ZERO_PLAIN,
+    SubclusterType.ZERO_ALLOCATED,
+    SubclusterType.UNALLOCATED_PLAIN,
+    SubclusterType.UNALLOCATED_ALLOCATED,
+)
+
 # rule(entry, bitmap, type) -> (new entry, new bitmap, release the old entry's clusters)
 EntryRule = Callable[[int, int, SubclusterType], tuple[int, int, bool]]
 
@@ -129,6 +137,9 @@ class L2Update:
         if not length or offset >= img.size:
             return True
         length = min(length, img.size - offset)
+        if img.backing is None:  # the same answer straight from the mapping: no chain to ask
+            stype, n, _ = img.lookup(offset, length)
+            return n >= length and stype in _READS_AS_ZERO_ALONE
         st, _ = status_above(img, offset, length, want_zero=False)
         return st.length == length and bool(st.flags & ZERO)
 
