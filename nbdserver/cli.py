@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -114,7 +113,7 @@ def keep_buffers_on_the_heap() -> None:
     reusing heap memory avoids all three.  Best effort: other libcs lack mallopt.
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        libc = ctypes.CDLL(None)  # the process's own symbols, libc's among them (no ldconfig run)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return

@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable
 
 from .chain import ChainDisk, RawWriter, close_chain
-from .check.dirty import repair_dirty_image
 from .errors import ImageError
 from .format import layout as L
 from .format.header import Header, parse_header
@@ -21,7 +20,6 @@ from .hostfile import HostFile
 from .image import Qcow2Image
 from .metadata.owner import ImageMetadata
 from .status import Layer
-from .write import Qcow2Writer
 
 MAX_CHAIN_DEPTH = 64
 FileOpener = Callable[..., HostFile]  # (filename, writable) -> HostFile
@@ -81,7 +79,11 @@ def open_disk(
             return ChainDisk(top, RawWriter(top))
         if top.header.dirty:
             # QEMU's open of a dirty image: check -r all, then trust the (new) refcounts.
+            from .check.dirty import repair_dirty_image  # only a writable, dirty image needs it
+
             repair_dirty_image(top.meta)
+        from .write import Qcow2Writer  # read-only exports never load the write side
+
         return ChainDisk(top, Qcow2Writer(top))
     except BaseException:
         close_chain(top)
