@@ -37,9 +37,14 @@ T = TypeVar("T")
 MAX_IN_FLIGHT = 64  # requests per connection being served at once
 IN_FLIGHT_BYTES = 64 * 1024 * 1024  # read/write bytes per connection held in memory at once
 DISCARD_CHUNK = 1024 * 1024  # a refused WRITE payload is skipped this much at a time
-INLINE_MAX = 64 * 1024  # reads up to this size run on the event loop, not in a worker
-# Small requests cost less than a hop to a worker thread and back: page-cache
-# reads, and writes that touch a few clusters.  FLUSH and FUA (an fsync) never.
+# Requests that cost less on the event loop than a hop to a worker thread and back: reads
+# from the page cache (a read that would wait for the device is refused there, RWF_NOWAIT,
+# and goes to a worker), and writes that touch a few clusters (a write cannot be refused
+# like that, so only small ones).  FLUSH and FUA (an fsync) never.  Measured with
+# nbdcopy's 256 KiB reads of 2 GiB from the page cache: 1.66 s with reads inline up to
+# 64 KiB, 1.27 s up to 1 MiB (qemu-nbd 1.01 s).
+INLINE_READ_MAX = 1024 * 1024
+INLINE_MAX = 64 * 1024
 INLINE_COMMANDS = frozenset({Cmd.READ, Cmd.CACHE, Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM})
 # Threads for disk work when a disk lets calls overlap: two per usable CPU (at most 8), enough
 # to overlap waits on the device, few enough that they do not spend their time handing the GIL
@@ -321,6 +326,8 @@ class Server:
     @staticmethod
     def can_run_inline(req: Request) -> bool:
         """Worth trying on the event loop: a small request without FUA (the gate decides the rest)."""
+        if req.cmd == Cmd.READ:
+            return req.length <= INLINE_READ_MAX
         return req.cmd in INLINE_COMMANDS and req.length <= INLINE_MAX and not req.flags & _FUA
 
     @staticmethod
