@@ -168,7 +168,9 @@ def merge_chain(top: Layer, start: int, end: int) -> tuple[np.ndarray, np.ndarra
 
 def _overlay(bounds, codes, depth, lb, lc, d):
     """Runs of the upper layers with their undecided parts filled from the layer below."""
-    merged = np.union1d(bounds, lb)
+    merged = np.concatenate((bounds, lb))  # two sorted arrays: a merge sort, then no repeats
+    merged.sort(kind="stable")
+    merged = merged[np.concatenate(([True], merged[1:] != merged[:-1]))]
     starts = merged[:-1]
     upper = np.searchsorted(bounds, starts, side="right") - 1
     lower = np.searchsorted(lb, starts, side="right") - 1
