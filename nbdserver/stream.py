@@ -37,6 +37,7 @@ class Stream(asyncio.BufferedProtocol):
         self._lost = False
         self._closed: asyncio.Future | None = None
         self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set with the transport
         self._pending: list | None = None  # replies written in this loop iteration, not yet sent
         self._pending_bytes = 0
 
@@ -44,7 +45,9 @@ class Stream(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self._closed = asyncio.get_running_loop().create_future()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call per call in 3.11.
+        self._loop = asyncio.get_running_loop()
+        self._closed = self._loop.create_future()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._target is not None:
@@ -106,7 +109,7 @@ class Stream(asyncio.BufferedProtocol):
                 waiter.set_result(None)
 
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
             await self._waiter
         finally:
@@ -190,7 +193,7 @@ class Stream(asyncio.BufferedProtocol):
             return
         if self._pending is None:
             self._pending = []
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         self._pending.extend(buffers)
         self._pending_bytes += sum(len(b) for b in buffers)
         if self._pending_bytes >= COALESCE_MAX:
@@ -206,7 +209,7 @@ class Stream(asyncio.BufferedProtocol):
             raise ConnectionResetError("connection lost")
         if not self._paused_writing:
             return
-        fut = asyncio.get_running_loop().create_future()
+        fut = self._loop.create_future()
         self._drainers.append(fut)
         await fut
         if self._lost:
