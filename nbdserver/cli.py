@@ -182,6 +182,8 @@ def _load_map_code() -> None:
     and the first map does not pay for it unless it comes within a tenth of a second."""
     import qcow2.extentmap  # noqa: F401
 
+    from . import blockstatus  # noqa: F401
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)

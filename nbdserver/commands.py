@@ -20,7 +20,7 @@ from qcow2.contract import Access, WouldBlock, without_waiting
 
 from . import wire
 from .constants import MAX_EXTENTS, Cmd, CmdFlag, Err, cmd_name
-from .export import CONTEXTS, BlockStatusReply, Export
+from .export import Export
 from .handshake import Negotiated
 from .requests import Request
 
@@ -40,7 +40,7 @@ YIELD_SECONDS = 0.0005
 # One window at a time in the whole process, its pause included: they are CPU-bound Python, the
 # GIL runs one of them anyway, and with several at once the event loop competed with all of
 # them (16 pipelined whole-disk maps: another client's reads took 69 ms at the median).
-_SLICE_TURN = threading.Lock()
+_WINDOW_TURN = threading.Lock()
 
 
 def error_reply(req: Request, structured: bool, error: int, message: str) -> Buffers:
@@ -110,7 +110,9 @@ def do_block_status(export: Export, req: Request, state: Negotiated, payload: me
     were waiting (writes) get their turn; what the reply describes may then
     mix the states before and after them, as for any overlapping requests.
     """
-    mappers = [CONTEXTS[name] for _, name in state.contexts]
+    from .blockstatus import STATUS_OF, BlockStatusReply  # numpy: loaded with the first map
+
+    mappers = [STATUS_OF[name] for _, name in state.contexts]
     reply = BlockStatusReply(req.length, mappers, req_one=bool(req.flags & _REQ_ONE), limit=MAX_EXTENTS)
     disk, gate = export.disk, export.gate
     start, end = req.offset, req.offset + req.length
@@ -118,7 +120,7 @@ def do_block_status(export: Export, req: Request, state: Negotiated, payload: me
         pos = start + reply.done
         if pos >= end:
             break
-        with _SLICE_TURN:
+        with _WINDOW_TURN:
             with gate.entered(Access.READ):
                 window = disk.extent_map(pos, end - pos)
             reply.take_map(window)
@@ -213,7 +215,7 @@ ACCESS: dict[int, int] = {
     int(Cmd.WRITE_ZEROES): int(Access.WRITE),
     int(Cmd.TRIM): int(Access.WRITE),
 }
-SELF_GATED = frozenset({int(Cmd.BLOCK_STATUS)})  # takes its turns at the gate slice by slice
+SELF_GATED = frozenset({int(Cmd.BLOCK_STATUS)})  # takes its turns at the gate window by window
 _READ_ACCESS = int(Access.READ)
 
 

@@ -311,8 +311,8 @@ class Server:
         # Lanes, so that one kind of request never queues behind another kind's long work.
         # Writes to a disk that runs them alone anyway queue on one thread of their own: handing
         # each to whichever pool thread is free only made them wait for each other at the gate
-        # and pass the GIL around.  Block status (long, CPU-bound, computed one slice at a time
-        # in the process) gets two threads, so two clients' maps interleave slice by slice; in
+        # and pass the GIL around.  Block status (long, CPU-bound, computed one window at a time
+        # in the process) gets two threads, so two clients' maps interleave window by window; in
         # the pool, 8 pipelined whole-disk maps held every thread and a read queued behind
         # them for 8 s.
         self._lanes = {

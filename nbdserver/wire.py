@@ -9,8 +9,6 @@ functions that return small headers; bulk data is never copied into them.
 from __future__ import annotations
 
 import struct
-import sys
-from array import array
 from collections.abc import Sequence
 
 from construct import (
@@ -128,7 +126,6 @@ HOLE_CHUNK = struct.Struct(">IHHQIQI")  # CHUNK + offset + hole size
 ERROR_CHUNK = struct.Struct(">IHHQIIH")  # CHUNK + error + message length; the message follows
 STATUS_CHUNK = struct.Struct(">IHHQII")  # CHUNK + context id; the descriptors follow
 
-_BIG_ENDIAN_HOST = sys.byteorder == "big"
 # Plain ints for the hot path (enum member access costs more than the packing).
 _NONE, _DATA, _HOLE = int(Chunk.NONE), int(Chunk.OFFSET_DATA), int(Chunk.OFFSET_HOLE)
 _STATUS, _ERROR = int(Chunk.BLOCK_STATUS), int(Chunk.ERROR)
@@ -175,15 +172,6 @@ def block_status_chunk_arrays(cookie: int, context_id: int, lengths, statuses, d
 
 
 def block_status_chunk(cookie: int, context_id: int, extents: Sequence[tuple[int, int]], done: bool) -> bytes:
-    """A BLOCK_STATUS chunk: ``extents`` are (length, status) pairs, at least one."""
-    flat = array("I")
-    for length, status in extents:
-        flat.append(length)
-        flat.append(status)
-    if not _BIG_ENDIAN_HOST:
-        flat.byteswap()
-    flags = REPLY_FLAG_DONE if done else 0
-    header = STATUS_CHUNK.pack(
-        STRUCTURED_REPLY_MAGIC, flags, _STATUS, cookie, 4 + 8 * len(extents), context_id
-    )
-    return header + flat.tobytes()
+    """A BLOCK_STATUS chunk from (length, status) pairs, at least one."""
+    lengths, statuses = zip(*extents, strict=True)
+    return block_status_chunk_arrays(cookie, context_id, lengths, statuses, done)

@@ -9,6 +9,7 @@ import pytest
 
 import qcow2
 from nbdserver import commands, wire
+from nbdserver.blockstatus import block_status
 from nbdserver.constants import (
     CTX_ALLOCATION_DEPTH,
     CTX_BASE_ALLOCATION,
@@ -22,7 +23,7 @@ from nbdserver.constants import (
     Rep,
     TFlag,
 )
-from nbdserver.export import Export, block_status
+from nbdserver.export import Export
 from nbdserver.handshake import Handshake, Negotiated, ProtocolError
 from nbdserver.requests import Request, check, parse_request
 from qcow2.contract import Extent, read_plan
