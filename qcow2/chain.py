@@ -94,8 +94,7 @@ class ChainDisk(Disk):
         from .extentmap import merge_chain  # numpy: loaded with the first map, not at start-up
 
         end = min(offset + length, self.top.size, offset + self.map_window)
-        bounds, flags, depth = merge_chain(self.top, offset, end)
-        return ExtentMap(bounds, flags & (DATA | ZERO), depth)
+        return ExtentMap(*merge_chain(self.top, offset, end))
 
     def read_sparse(self, offset: int, length: int) -> list[SparseRun]:
         """One walk of the mapping for both questions: where the zeros are, and where the data lives.

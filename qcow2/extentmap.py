@@ -23,12 +23,12 @@ import sys
 
 import numpy as np
 
+from .contract import EXTENT_DATA, EXTENT_ZERO
 from .format import layout as L
 from .status import ALLOCATED, DATA, ZERO, Layer, layer_status
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 CODE_MASK = DATA | ZERO | ALLOCATED
-WINDOW_ENTRIES = 1 << 18  # L2 entries one window classifies at most (2 MiB of entries)
 _DATA_CODE = np.uint8(DATA | ALLOCATED)
 _ZERO_CODE = np.uint8(ZERO | ALLOCATED)
 
@@ -139,9 +139,10 @@ def _sparse_runs(clusters: np.ndarray, codes: np.ndarray, cbits: int, start: int
 
 
 def merge_chain(top: Layer, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(bounds, flags, depth) of the chain under ``top`` over ``[start, end)``.
+    """(bounds, flags, depth) of the chain under ``top`` over ``[start, end)``, as an
+    :class:`~qcow2.contract.ExtentMap` holds them.
 
-    ``flags`` holds DATA / ZERO / ALLOCATED; ``depth`` is 1 for the top layer,
+    ``flags`` holds EXTENT_DATA / EXTENT_ZERO; ``depth`` is 1 for the top layer,
     0 where no layer allocates (which reads as zeros).
     """
     bounds, codes = top.status_runs(start, end)
@@ -162,8 +163,9 @@ def merge_chain(top: Layer, start: int, end: int) -> tuple[np.ndarray, np.ndarra
             lb, lc = np.array([lo, hi], dtype=np.int64), np.array([_ZERO_CODE], dtype=np.uint8)
         bounds, codes, depth = _overlay(bounds, codes, depth, lb, lc, d)
         layer = layer.backing
-    flags = np.where(codes == 0, np.uint8(ZERO), codes).astype(np.uint8)
-    return bounds, flags, depth
+    zero = ((codes & ZERO) != 0) | (codes == 0)
+    flags = np.where(codes & DATA, EXTENT_DATA, 0) | np.where(zero, EXTENT_ZERO, 0)
+    return bounds, flags.astype(np.uint8), depth
 
 
 def _overlay(bounds, codes, depth, lb, lc, d):
