@@ -21,6 +21,7 @@ SECTOR = 512
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE  # deallocate, keep the file's size
 _ZEROS = bytes(1 << 20)
 
 _libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's (find_library runs ldconfig)
@@ -58,7 +59,7 @@ class HostFile:
             flags |= os.O_CREAT | os.O_TRUNC
         self.fd = os.open(filename, flags | os.O_CLOEXEC, 0o644)
         self.can_nowait = hasattr(os, "RWF_NOWAIT")  # until the filesystem says otherwise
-        self._has_zero_range = self._has_punch_hole = self._has_fallocate = True  # likewise
+        self._unsupported: set[int] = set()  # fallocate modes the filesystem refused, likewise
         self.refresh_size()
 
     def refresh_size(self) -> None:
@@ -171,27 +172,25 @@ class HostFile:
         same blocks end up allocated (QEMU's maps of an image depend on that),
         for one system call instead of two.
         """
-        done = False
-        if offset >= self.file_size and self._has_fallocate:  # one call where QEMU's chain ends
-            done = self._try_fallocate(0, offset, length, "_has_fallocate")
-        if not done and self._has_zero_range:
-            done = self._try_fallocate(FALLOC_FL_ZERO_RANGE, offset, length, "_has_zero_range")
-        if not done and self._has_punch_hole:
-            punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-            done = self._try_fallocate(punch, offset, length, "_has_punch_hole") and self._try_fallocate(
-                0, offset, length, "_has_fallocate"
-            )
+        done = offset >= self.file_size and self._fallocate(0, offset, length)  # one call, past EOF
+        if not done:
+            done = self._fallocate(FALLOC_FL_ZERO_RANGE, offset, length)
+        if not done:
+            done = self._fallocate(_PUNCH_HOLE, offset, length) and self._fallocate(0, offset, length)
         if done and offset + length > self.file_size:
             self.refresh_size()
         return done
 
-    def _try_fallocate(self, mode: int, offset: int, length: int, capability: str) -> bool:
-        """fallocate; False if the filesystem refuses (and, if it cannot at all, never again)."""
+    def _fallocate(self, mode: int, offset: int, length: int) -> bool:
+        """fallocate; False if the filesystem refuses.  A mode it cannot do at all is not
+        asked again."""
+        if mode in self._unsupported:
+            return False
         try:
             fallocate(self.fd, mode, offset, length)
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
-                setattr(self, capability, False)
+                self._unsupported.add(mode)
                 return False
             if e.errno == errno.EINVAL:
                 return False
@@ -200,13 +199,8 @@ class HostFile:
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False, fast: bool = False) -> None:
         """A raw disk: punch a hole when allowed, else zero the range in place."""
-        if may_unmap:
-            try:
-                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-                return
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                    raise
+        if may_unmap and self._fallocate(_PUNCH_HOLE, offset, length):
+            return
         if self.zero_range(offset, length):
             return
         if fast:
@@ -231,11 +225,7 @@ class HostFile:
         self.refresh_size()
 
     def trim(self, offset: int, length: int) -> None:
-        try:
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
+        self._fallocate(_PUNCH_HOLE, offset, length)  # a hint: a filesystem may refuse
 
     def flush(self) -> None:
         os.fsync(self.fd)
