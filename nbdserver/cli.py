@@ -3,12 +3,14 @@
 Start-up order matters for scripts: the image is opened and the socket bound
 before anything reports success, so ``--fork`` returns (and ``--pid-file``
 appears) only when clients can connect, and a bad image fails the command.
+The event loop and the server (asyncio alone is a third of the start-up
+time) are imported after that: clients that connect meanwhile wait in the
+listen backlog, as they would for a busy accept loop.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import ctypes
 import logging
@@ -19,11 +21,14 @@ import stat
 import sys
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import qcow2
 
+if TYPE_CHECKING:
+    import asyncio
+
 from .export import Export
-from .server import Server
 
 log = logging.getLogger("nbdserver")
 
@@ -125,6 +130,8 @@ def keep_buffers_on_the_heap() -> None:
 
 def new_event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     """uvloop when it imports (faster transports), the standard loop otherwise."""
+    import asyncio
+
     try:
         import uvloop
     except ImportError:
@@ -136,6 +143,10 @@ def new_event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 async def serve(export: Export, listener: socket.socket, max_clients: int) -> None:
     """Serve until SIGTERM/SIGINT, then finish the requests in flight."""
+    import asyncio
+
+    from .server import Server
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -223,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         keep_buffers_on_the_heap()
         if export.disk.can_extents:
             threading.Thread(target=_load_map_code, name="nbd-warm-up", daemon=True).start()
+        import asyncio  # only now: see the module's docstring
+
         with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
             runner.run(serve(export, listener, args.shared))
         # Every request has finished: flush and mark the image clean before
