@@ -18,7 +18,7 @@ from pathlib import Path
 import nbd
 import pytest
 from images import Image, Recipe
-from servers import our_nbd
+from servers import our_nbd, qemu_nbd
 
 MiB = 1 << 20
 
@@ -104,6 +104,94 @@ def test_write_onto_metadata_marks_the_image_corrupt(tmp_path: Path, recipe: Rec
     assert refused.returncode == 1 and "corrupt" in refused.stderr, refused.stderr
     repaired = qemu("qemu-img", "check", "-r", "all", str(img), check=False)
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+
+
+def _fields(img: Path, *names: str) -> list[int]:
+    """Header fields (offsets of the qcow2 header table) of ``img``."""
+    at = {"l1_table_offset": (40, ">Q"), "refcount_table_offset": (48, ">Q")}
+    with open(img, "rb") as f:
+        header = f.read(104)
+    return [struct.unpack_from(at[n][1], header, at[n][0])[0] for n in names]
+
+
+def _poke(img: Path, offset: int, fmt: str, value: int) -> None:
+    with open(img, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
+def _l1_zero(img: Path) -> None:
+    _poke(img, 40, ">Q", 0)  # the L1 table "at" the header
+
+
+def _header_only(img: Path) -> None:
+    img.write_bytes(img.read_bytes()[:65536])  # tables, refcounts: all beyond EOF
+
+
+def _reftable_entry_at_header(img: Path) -> None:
+    (table,) = _fields(img, "refcount_table_offset")
+    _poke(img, table, ">Q", 0)
+
+
+def _reftable_past_eof(img: Path) -> None:
+    _poke(img, 48, ">Q", 1 << 30)
+
+
+def _compressed_at_header(img: Path) -> None:
+    qemu("qemu-io", "-c", "write -c -P 1 2M 64k", str(img))
+    (l1,) = _fields(img, "l1_table_offset")
+    with open(img, "rb") as f:
+        f.seek(l1)
+        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        f.seek(l2 + 32 * 8)
+        entry = struct.unpack(">Q", f.read(8))[0]
+    offset_bits = 62 - (16 - 8)  # 64 KiB clusters: host offset in bits 0..53
+    _poke(img, l2 + 32 * 8, ">Q", entry & ~((1 << offset_bits) - 1))  # same size, offset 0
+
+
+# The five images of issue 8 §1 and the qemu-io command each was destroyed by.
+METADATA_TRAPS = {
+    "l1-at-header": (_l1_zero, "write -P 0xab 0 64k"),
+    "truncated-to-header": (_header_only, "write -P 0xab 1088k 4k"),
+    "refcount-entry-at-header": (_reftable_entry_at_header, "write -P 0xab 1088k 4k"),
+    "refcount-table-past-eof": (_reftable_past_eof, "write -P 0xab 1088k 4k"),
+    "compressed-at-header": (_compressed_at_header, "write -z 2M 64k"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(METADATA_TRAPS))
+def test_no_write_lands_on_the_header_whatever_the_image_says(
+    tmp_path: Path, recipe: Recipe, case: str
+) -> None:
+    """Both servers get the same corrupt image and the same writes through qemu-io.
+
+    Ours must fail them with EIO wherever qemu-nbd does, and never touch the
+    header beyond the corrupt bit: the file stays a qcow2 image QEMU can
+    inspect and repair.  Reads keep working.
+    """
+    corrupt, command = METADATA_TRAPS[case]
+    outcomes = {}
+    for name, serve in (("qemu-nbd", qemu_nbd), ("ours", our_nbd)):
+        img = tmp_path / f"{name}.qcow2"
+        qemu("qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M")
+        corrupt(img)
+        before = img.read_bytes()[:65536]
+        with serve(image_at(recipe, img), tmp_path / f"srv-{name}", writable=True) as srv:
+            wrote = qemu("qemu-io", "-f", "raw", "-c", command, "-c", "flush", srv.uri, check=False)
+            read = qemu("qemu-io", "-f", "raw", "-c", "read 0 4k", srv.uri, check=False)
+        failed = "Input/output error" in wrote.stdout + wrote.stderr
+        outcomes[name] = failed
+        after = img.read_bytes()[:65536]
+        changed = [i for i in range(65536) if before[i] != after[i]]
+        assert all(72 <= i < 80 for i in changed), f"{name}: header bytes {changed[:8]} changed"
+        info = json.loads(qemu("qemu-img", "info", "--output=json", str(img)).stdout)
+        assert info["format"] == "qcow2", info
+        if name == "ours":
+            assert "read 4096/4096 bytes" in read.stdout, read.stdout + read.stderr
+            assert failed, wrote.stdout + wrote.stderr
+            assert info["format-specific"]["data"]["corrupt"] is True, info
+            assert srv.exit_problem is None, srv.stderr()
+    assert outcomes["ours"] >= outcomes["qemu-nbd"], outcomes
 
 
 def test_writes_reach_the_file_when_the_client_leaves_without_flush(tmp_path: Path, recipe: Recipe) -> None:

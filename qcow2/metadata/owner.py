@@ -48,6 +48,8 @@ MAX_PENDING_FREES = 1 << 16
 MAX_FIDELITY_READ = 64 << 20  # bytes of snapshot/bitmap metadata read at open (QEMU's table limit)
 MAX_BITMAP_DIRECTORY = 64 << 20
 MAX_BITMAP_TABLE = 1 << 16  # entries
+_IGNORE_L1 = frozenset({O.ACTIVE_L1})
+_IGNORE_L2 = frozenset({O.ACTIVE_L2})
 
 
 class ImageMetadata:
@@ -260,11 +262,17 @@ class ImageMetadata:
     def overlaps(self, offset: int, length: int, ignore: frozenset[str] = frozenset()) -> str | None:
         return self.map.find(offset, length, ignore)
 
-    def check_write(self, offset: int, length: int) -> None:
-        """QEMU's pre-write overlap check for a write to the image file: a hit marks the image corrupt."""
-        what = self.map.find(offset, length)
+    def check_write(
+        self, offset: int, length: int, ignore: frozenset[str] = frozenset(), action: str = "write"
+    ) -> None:
+        """QEMU's pre-write overlap check for a write to the image file: a hit marks the image corrupt.
+
+        ``ignore``: the kind of structure being written (QEMU's ``ign``); a
+        table may be rewritten in place, but never where anything else lives.
+        """
+        what = self.map.find(offset, length, ignore)
         if what is not None:
-            self.mark_corrupt(f"Preventing invalid write on metadata (overlaps with {what})")
+            self.mark_corrupt(f"Preventing invalid {action} on metadata (overlaps with {what})")
 
     def check_data_write(self, host: int, length: int) -> None:
         """The same for guest data; a data file holds no metadata."""
@@ -380,6 +388,8 @@ class ImageMetadata:
 
     def write_back(self) -> None:
         """Everything held in memory to the file, in the order the module docstring states."""
+        if self.corrupt:  # QEMU makes a corrupt image unusable: nothing more reaches the file
+            raise OSError(errno.EIO, f"{self.filename}: image is marked corrupt")
         refcounts = self.refcounts
         # 1. data and refcounts durable
         if self.data_file is not None:
@@ -392,10 +402,15 @@ class ImageMetadata:
         # 2. new mappings: L2 tables, then L1 entries, then sync
         dirty = self.l2_tables.dirty_entries()
         esize = self.layout.entry_size
+        for l2_offset, _, first, end in dirty:  # all checked before the first write
+            self.check_write(l2_offset + first * esize, (end - first) * esize, _IGNORE_L2)
+        l1_offset = self.header.l1_table_offset
+        l1_dirty = sorted(self._dirty_l1)
+        if l1_dirty:
+            self.check_write(l1_offset + l1_dirty[0] * 8, (l1_dirty[-1] - l1_dirty[0] + 1) * 8, _IGNORE_L1)
         for l2_offset, table, first, end in dirty:
             self.file.write(l2_offset + first * esize, table.pack(first, end - first))
-        l1_offset = self.header.l1_table_offset
-        for index in sorted(self._dirty_l1):
+        for index in l1_dirty:
             self.file.write(l1_offset + index * 8, L.U64.pack(self.l1[index]))
         self.file.flush()
         self.l2_tables.mark_clean(l2_offset for l2_offset, _, _, _ in dirty)

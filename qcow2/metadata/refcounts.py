@@ -18,9 +18,12 @@ from ..errors import CorruptImageError
 from ..format.layout import REFT_OFFSET_MASK, U64
 from ..format.refblock import RefcountCodec
 from ..hostfile import HostFile
+from . import overlap as O
 from .cache import TableCache
 
 BLOCK_CACHE = 64  # refcount blocks kept in memory
+_IGNORE_BLOCK = frozenset({O.REFCOUNT_BLOCK})  # what a block or table write may overlap: itself
+_IGNORE_TABLE = frozenset({O.REFCOUNT_TABLE})
 
 
 class Refcounts:
@@ -34,7 +37,7 @@ class Refcounts:
         table_offset: int,
         table_clusters: int,
         on_table_moved: Callable[[int, int], None] | None = None,
-        check_write: Callable[[int, int], None] | None = None,
+        check_write: Callable[..., None] | None = None,
     ):
         self.file = file
         self.cluster_bits = cluster_bits
@@ -110,7 +113,10 @@ class Refcounts:
     # -- writing ---------------------------------------------------------------------
 
     def _spill_block(self, index: int, blk: bytearray, lo: int, hi: int) -> None:
-        self.file.write(self.block_offset(index) + lo, memoryview(blk)[lo:hi])
+        offset = self.block_offset(index) + lo
+        if self.check_write is not None:
+            self.check_write(offset, hi - lo, _IGNORE_BLOCK)
+        self.file.write(offset, memoryview(blk)[lo:hi])
 
     def write_dirty(self) -> None:
         """Write every changed block (the changed bytes of each); no sync."""
@@ -149,6 +155,10 @@ class Refcounts:
                     freed = index * per + i
                     self.free_index = min(self.free_index, freed)
                     if discard:
+                        # A cluster the image's own structures use (the header, a table)
+                        # is never punched out, whatever an L2 entry claims it holds.
+                        if self.check_write is not None:
+                            self.check_write(freed << self.cluster_bits, self.cluster_size, action="discard")
                         self.file.trim(freed << self.cluster_bits, self.cluster_size)
             self.blocks.mark_dirty(index, lo, hi)
             cluster += n
@@ -221,6 +231,8 @@ class Refcounts:
     def _hook_block(self, index: int, offset: int) -> None:
         self.version += 1
         self.table[index] = offset
+        if self.check_write is not None:
+            self.check_write(self.table_offset + index * 8, 8, _IGNORE_TABLE)
         self.file.write(self.table_offset + index * 8, U64.pack(offset))
 
     def _grow_table(self, need_index: int) -> None:
