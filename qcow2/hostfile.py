@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 
 from .contract import WouldBlock, without_waiting
 from .status import DATA, OFFSET_VALID, ZERO, Status
@@ -23,6 +24,12 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 _PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE  # deallocate, keep the file's size
 _ZEROS = bytes(1 << 20)
+MAX_OFFSET = (1 << 63) - 1  # off_t: no file reaches beyond
+
+
+def _unreachable(filename: str, offset: int) -> OSError:
+    return OSError(errno.EIO, f"{filename}: offset {offset:#x} is beyond what any file can hold")
+
 
 _libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's (find_library runs ldconfig)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -57,7 +64,16 @@ class HostFile:
         flags = os.O_RDWR if writable or create else os.O_RDONLY
         if create:
             flags |= os.O_CREAT | os.O_TRUNC
-        self.fd = os.open(filename, flags | os.O_CLOEXEC, 0o644)
+        # O_NONBLOCK: a FIFO would block open() until a writer came; it is refused instead.
+        self.fd = os.open(filename, flags | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        kind = stat.S_IFMT(os.fstat(self.fd).st_mode)
+        if kind not in (stat.S_IFREG, stat.S_IFBLK):
+            os.close(self.fd)
+            what = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device"}
+            raise OSError(
+                errno.EINVAL, f"{what.get(kind, 'a socket')}, not a regular file or block device", filename
+            )
+        os.set_blocking(self.fd, True)
         self.can_nowait = hasattr(os, "RWF_NOWAIT")  # until the filesystem says otherwise
         self._unsupported: set[int] = set()  # fallocate modes the filesystem refused, likewise
         self.refresh_size()
@@ -93,6 +109,8 @@ class HostFile:
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         """Read ``len(buf)`` bytes; bytes past the end of the file read as zeros."""
+        if offset + len(buf) > MAX_OFFSET:
+            raise _unreachable(self.filename, offset)
         want = len(buf)
         done = 0
         if without_waiting.depth:
@@ -110,6 +128,8 @@ class HostFile:
         os.pread hands the kernel a fresh, uninitialised buffer: no zero-fill
         and no copy on the common path of a full read.
         """
+        if offset + length > MAX_OFFSET:  # an offset from a corrupt table: EIO, as QEMU answers
+            raise _unreachable(self.filename, offset)
         if without_waiting.depth:
             buf = bytearray(length)
             view = memoryview(buf)
@@ -153,6 +173,8 @@ class HostFile:
         return done
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
+        if offset + len(data) > MAX_OFFSET:
+            raise _unreachable(self.filename, offset)
         done = 0
         view = memoryview(data)
         while done < len(view):

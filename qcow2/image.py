@@ -160,7 +160,11 @@ class Qcow2Image:
             real_clusters = self.file.allocated_bytes() // self.cluster_size
             threshold = max(real_clusters * 10 // 9, real_clusters + 2)
             end_cluster = -(-self.file.file_size // self.cluster_size)
-            self._metadata_prealloc = self.meta.refcounts.count_in_use(end_cluster, threshold) >= threshold
+            try:
+                in_use = self.meta.refcounts.count_in_use(end_cluster, threshold)
+            except OSError:  # refcounts that cannot be read: QEMU's answer is "not preallocated"
+                in_use = 0
+            self._metadata_prealloc = in_use >= threshold
         return self._metadata_prealloc
 
     def readinto(self, offset: int, buf: memoryview) -> None:

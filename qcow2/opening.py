@@ -163,7 +163,10 @@ def _open_backing(filename: str, h: Header, depth: int, opener: FileOpener) -> L
         raise ImageError(f"{filename}: backing file {name!r} uses a protocol we do not support")
     if not os.path.exists(path):
         raise ImageError(f"{filename}: backing file {path} does not exist")
-    file = open_host_file(path, False, opener)
+    try:
+        file = opener(path, False)
+    except OSError as e:
+        raise ImageError(f"{filename}: cannot open backing file {path}: {e.strerror}") from None
     fmt = h.backing_format or _probe(file)
     if fmt == "raw":
         return file

@@ -157,6 +157,10 @@ def _check_features(h: Header, where: str) -> None:
 
 def _check_tables(h: Header, where: str) -> None:
     csize = h.cluster_size
+    if h.refcount_table_clusters == 0:
+        raise ImageError(where + "Image does not contain a reference count table")
+    if h.nb_snapshots > MAX_SNAPSHOTS:
+        raise ImageError(where + f"Snapshot table too large ({h.nb_snapshots} snapshots)")
     for name in ("l1_table_offset", "refcount_table_offset", "snapshots_offset"):
         value = getattr(h, name)
         if value % csize or value >= MAX_HOST_OFFSET:
@@ -196,12 +200,14 @@ def _parse_extensions(h: Header, cluster0: bytes, where: str) -> None:
             size = L.FEATURE_NAME_ENTRY_SIZE
             for i in range(len(data) // size):
                 entry = L.FeatureNameEntry.parse(data[i * size : i * size + size])
-                h.feature_names[(entry.type, entry.bit)] = entry.name.rstrip("\0")
+                h.feature_names[(entry.type, entry.bit)] = entry.name.rstrip(b"\0").decode("utf-8", "replace")
         elif ext.type == L.EXT_BITMAPS:
-            if len(data) < 24:
-                raise ImageError(where + "bitmaps extension is too short")
+            if len(data) != L.BitmapsExtension.sizeof():
+                raise ImageError(where + "bitmaps_ext: Invalid extension length")
             b = L.BitmapsExtension.parse(data)
             h.bitmaps = {k: v for k, v in b.items() if k != "_io"}
+            if h.autoclear_features & L.AUTOCLEAR_BITMAPS:
+                _check_bitmaps_extension(h, where)
         elif ext.type == L.EXT_CRYPTO:
             if len(data) < 16:
                 raise ImageError(where + "crypto header extension is too short")
@@ -210,6 +216,32 @@ def _parse_extensions(h: Header, cluster0: bytes, where: str) -> None:
         else:
             h.unknown_extensions.append((ext.type, bytes(data)))
         pos = data_start + ((ext.length + 7) & ~7)
+
+
+MAX_BITMAPS = 65535  # QEMU's QCOW2_MAX_BITMAPS
+MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
+
+
+def _check_bitmaps_extension(h: Header, where: str) -> None:
+    """QEMU's checks, in its order and words: an image it refuses, we refuse (a huge count
+    would otherwise cost a walk of that many directory entries)."""
+    b = h.bitmaps
+    if b["reserved"]:
+        raise ImageError(where + "bitmaps_ext: Reserved field is not zero")
+    if b["nb_bitmaps"] > MAX_BITMAPS:
+        raise ImageError(
+            where + f"bitmaps_ext: Image has {b['nb_bitmaps']} bitmaps, "
+            f"exceeding the QEMU supported maximum of {MAX_BITMAPS}"
+        )
+    if b["nb_bitmaps"] == 0:
+        raise ImageError(where + "found bitmaps extension with zero bitmaps")
+    if b["bitmap_directory_offset"] % h.cluster_size:
+        raise ImageError(where + "bitmaps_ext: invalid bitmap directory offset")
+    if b["bitmap_directory_size"] > MAX_BITMAP_DIRECTORY_SIZE:
+        raise ImageError(
+            where + f"bitmaps_ext: bitmap directory size ({b['bitmap_directory_size']}) "
+            f"exceeds the maximum supported size ({MAX_BITMAP_DIRECTORY_SIZE})"
+        )
 
 
 # -- building cluster 0 of a new image --------------------------------------------------
@@ -281,7 +313,7 @@ def build_header(
         body += _extension(L.EXT_DATA_FILE, os.fsencode(data_file))
     if version >= 3 and cs > 4096:
         table = b"".join(
-            L.FeatureNameEntry.build({"type": kind, "bit": bit, "name": name})
+            L.FeatureNameEntry.build({"type": kind, "bit": bit, "name": name.encode().ljust(46, b"\0")})
             for (kind, bit), name in _FEATURE_TABLE
         )
         body += _extension(L.EXT_FEATURE_TABLE, table)

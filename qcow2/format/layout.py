@@ -20,7 +20,6 @@ from construct import (
     Int16ub,
     Int32ub,
     Int64ub,
-    PaddedString,
     Padding,
     Struct,
     this,
@@ -102,13 +101,13 @@ EXT_DATA_FILE = 0x44415441
 FeatureNameEntry = Struct(
     "type" / Int8ub,  # 0 incompatible, 1 compatible, 2 autoclear
     "bit" / Int8ub,
-    "name" / PaddedString(46, "ascii"),
+    "name" / Bytes(46),  # NUL-padded; any bytes (QEMU prints them as they are)
 )
 FEATURE_NAME_ENTRY_SIZE = FeatureNameEntry.sizeof()
 
 BitmapsExtension = Struct(
     "nb_bitmaps" / Int32ub,
-    Padding(4),
+    "reserved" / Int32ub,  # must be 0
     "bitmap_directory_size" / Int64ub,
     "bitmap_directory_offset" / Int64ub,
 )

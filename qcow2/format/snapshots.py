@@ -16,6 +16,7 @@ from construct import ConstructError
 from . import layout as L
 
 MAX_EXTRA_DATA = 1024  # QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA
+MAX_TABLE_SIZE = 64 << 20  # QEMU's QCOW_MAX_SNAPSHOTS_SIZE
 
 Pread = Callable[[int, int], bytes]
 
@@ -33,28 +34,32 @@ class Snapshot:
 
 
 def walk_snapshot_table(
-    pread: Pread, offset: int, count: int, max_extra: int | None = None
+    pread: Pread, offset: int, count: int, max_extra: int = MAX_EXTRA_DATA
 ) -> Iterator[tuple[Snapshot, int]]:
     """Each entry with the table's length up to its end (no padding after the last).
 
-    ``max_extra``: refuse an entry with more extra data (QEMU refuses to open
-    such an image); reading stops at the first bad entry with
-    :class:`SnapshotTableError`.
+    What QEMU refuses to open, this refuses with QEMU's words (reading stops
+    at the first bad entry with :class:`SnapshotTableError`): an entry with
+    more than ``max_extra`` bytes of extra data, a table longer than
+    MAX_TABLE_SIZE.  So one entry costs at most 130 KiB of reading, however
+    big its fields claim to be.
     """
     pos = offset
-    for _ in range(count):
+    for i in range(count):
         pos = (pos + 7) & ~7
         fixed = pread(pos, L.SNAPSHOT_FIXED_SIZE)
         extra = struct.unpack_from(">I", fixed, 36)[0] if len(fixed) >= 40 else 0
         id_len, name_len = struct.unpack_from(">HH", fixed, 12) if len(fixed) >= 16 else (0, 0)
-        if max_extra is not None and extra > max_extra:
-            raise SnapshotTableError(f"too much extra metadata in snapshot table entry ({extra} bytes)")
+        if extra > max_extra:
+            raise SnapshotTableError(f"Too much extra metadata in snapshot table entry {i}")
         raw = fixed + pread(pos + L.SNAPSHOT_FIXED_SIZE, extra + id_len + name_len)
         try:
             sn = L.SnapshotHeader.parse(raw)
         except ConstructError:
-            raise SnapshotTableError("snapshot table is truncated") from None
+            raise SnapshotTableError("Failed to read snapshot table") from None
         pos += len(raw)
+        if pos - offset > MAX_TABLE_SIZE:
+            raise SnapshotTableError("Snapshot table is too big")
         yield (
             Snapshot(
                 sn.l1_table_offset,

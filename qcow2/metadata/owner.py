@@ -113,17 +113,16 @@ class ImageMetadata:
         self.updating = False  # the next change sets the dirty bit (and lazy mode) again
 
     def _read_snapshots(self) -> tuple[list[Snapshot], int]:
+        """The table as QEMU reads it at open; a table QEMU refuses, we refuse (CorruptImageError)."""
         h = self.header
         snapshots: list[Snapshot] = []
         size = 0
-        walk = walk_snapshot_table(self.file.pread, h.snapshots_offset, min(h.nb_snapshots, 65536), 1024)
         try:
-            for snapshot, size in walk:
+            for snapshot, end in walk_snapshot_table(self.file.pread, h.snapshots_offset, h.nb_snapshots):
                 snapshots.append(snapshot)
-                if size > MAX_FIDELITY_READ:
-                    break
-        except SnapshotTableError:
-            pass
+                size = end
+        except SnapshotTableError as e:
+            raise CorruptImageError(f"{self.filename}: {e}") from None
         return snapshots, size
 
     def _read_bitmaps(self) -> list[BitmapEntry]:
