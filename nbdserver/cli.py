@@ -188,6 +188,23 @@ def _daemonize() -> int:
     return wfd
 
 
+def _release_caller_stderr() -> None:
+    """Once in the background: a pipe as stderr goes to /dev/null (as qemu-nbd's does).
+
+    Otherwise a caller that captures the command's output (``$(qcow2-nbd
+    --fork ...)``, subprocess with pipes) would wait for the server to exit.
+    Files and terminals keep the log.
+    """
+    try:
+        kind = stat.S_IFMT(os.fstat(2).st_mode)
+    except OSError:
+        return
+    if kind in (stat.S_IFIFO, stat.S_IFSOCK):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+
 def _load_map_code() -> None:
     """Import the block-status code (numpy) once listening: start-up does not wait for it,
     and the first map does not pay for it unless it comes within a tenth of a second."""
@@ -231,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             os.write(ready_fd, b"\0")
             os.close(ready_fd)
             ready_fd = -1
+            _release_caller_stderr()
         keep_buffers_on_the_heap()
         if export.disk.can_extents:
             threading.Thread(target=_load_map_code, name="nbd-warm-up", daemon=True).start()

@@ -221,7 +221,11 @@ class Handshake:
         # Sent even when not asked for, like qemu-nbd: it binds only clients that asked.
         items.append(
             wire.InfoBlockSize.build(
-                {"minimum": MIN_BLOCK_SIZE, "preferred": PREFERRED_BLOCK_SIZE, "maximum": MAX_PAYLOAD}
+                {
+                    "minimum": max(MIN_BLOCK_SIZE, export.disk.min_block_size),
+                    "preferred": PREFERRED_BLOCK_SIZE,
+                    "maximum": MAX_PAYLOAD,
+                }
             )
         )
         replies = [self._reply(option, Rep.INFO, item) for item in items]

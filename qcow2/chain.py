@@ -23,15 +23,40 @@ from .status import ALLOCATED, DATA, OFFSET_VALID, ZERO, Layer, status_above
 
 
 class RawWriter:
-    """The write side of a raw top layer: the host file itself."""
+    """The write side of a raw top layer: the host file itself.
 
-    def __init__(self, file: HostFile) -> None:
+    ``probed``: the format was guessed, not given.  Then, as QEMU's raw
+    driver does, no write may make the first sector announce another format
+    (:mod:`qcow2.format.probe`): EPERM, and nothing is written.
+    """
+
+    def __init__(self, file: HostFile, probed: bool = False) -> None:
         self.file = file
+        self.probed = probed
+
+    def _guard_first_sector(self, offset: int, data: Buffer | None, length: int) -> None:
+        """The sector as the write would leave it (zeros for ``data=None``) must still probe as raw."""
+        from .format.probe import PROBE_SIZE, announced_format
+
+        sector = bytearray(self.file.pread(0, PROBE_SIZE))
+        end = min(offset + length, PROBE_SIZE)
+        sector[offset:end] = bytes(end - offset) if data is None else memoryview(data)[: end - offset]
+        fmt = announced_format(sector)
+        if fmt is not None:
+            raise OSError(
+                errno.EPERM,
+                f"refused: the write would make the first sector of a probed raw image a {fmt} header "
+                "(give the format explicitly, -f raw, to allow it)",
+            )
 
     def write(self, offset: int, data: Buffer) -> None:
+        if self.probed and offset < 512:
+            self._guard_first_sector(offset, data, len(data))
         self.file.write(offset, data)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False, fast: bool = False) -> None:
+        if self.probed and offset < 512:
+            self._guard_first_sector(offset, None, length)
         self.file.write_zeroes(offset, length, may_unmap, fast)
 
     def trim(self, offset: int, length: int) -> None:

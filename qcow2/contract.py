@@ -195,6 +195,8 @@ class Disk:
     can_multi_conn: bool = False
     #: extents tells holes, zeros and depths apart.  Default False (everything is data, depth 1).
     can_extents: bool = False
+    #: the smallest request the disk wants (advertised to clients).  Default 1 byte.
+    min_block_size: int = 1
 
     # -- reads ----------------------------------------------------------------------
 

@@ -76,7 +76,10 @@ def open_disk(
         return ChainDisk(top)
     try:
         if isinstance(top, HostFile):
-            return ChainDisk(top, RawWriter(top))
+            disk = ChainDisk(top, RawWriter(top, probed=fmt is None))
+            if fmt is None:
+                disk.min_block_size = 512  # QEMU's alignment for a probed raw image
+            return disk
         if top.header.dirty:
             # QEMU's open of a dirty image: check -r all, then trust the (new) refcounts.
             from .check.dirty import repair_dirty_image  # only a writable, dirty image needs it

@@ -194,6 +194,58 @@ def test_no_write_lands_on_the_header_whatever_the_image_says(
     assert outcomes["ours"] >= outcomes["qemu-nbd"], outcomes
 
 
+def test_probed_raw_image_keeps_its_first_sector_raw(tmp_path: Path) -> None:
+    """Issue 8 §4: a guest must not turn a probed raw image into a qcow2 pointing at host files.
+
+    The same writes through qemu-nbd and through us, both probing the format:
+    the header write is refused with EPERM by both, ordinary writes to sector
+    0 (partial ones too) go through, and a write that would complete a magic
+    byte by byte is refused.  Afterwards the image still probes as raw.
+    """
+    header = tmp_path / "evil.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "/etc/passwd", "-F", "raw", str(header), "1M")
+    evil = header.read_bytes()[:512]
+    (tmp_path / "evil.bin").write_bytes(evil)
+    (tmp_path / "qfi.bin").write_bytes(b"QFI")
+    (tmp_path / "fb.bin").write_bytes(b"\xfb")
+    writes = [
+        ("evil", f"write -s {tmp_path / 'evil.bin'} 0 512", False),
+        ("plain", "write -P 0x33 0 4k", True),
+        ("partial", "write -P 0x44 100 10", True),
+        ("prefix", f"write -s {tmp_path / 'qfi.bin'} 0 3", True),
+        ("last byte", f"write -s {tmp_path / 'fb.bin'} 3 1", False),
+    ]
+    results = {}
+    for name, serve in (("qemu-nbd", "qemu"), ("ours", "ours")):
+        raw = tmp_path / f"{name}.img"
+        qemu("qemu-img", "create", "-q", "-f", "raw", str(raw), "1M")
+        sock = tmp_path / f"{name}.sock"
+        pidfile = tmp_path / f"{name}.pid"
+        if serve == "qemu":
+            argv = ["qemu-nbd", "-t", "-k", str(sock)]
+        else:
+            argv = [sys.executable, "-m", "nbdserver", "-k", str(sock)]
+        # qemu-nbd --fork exits 1 after its warning about probing; the pid file says it serves.
+        started = qemu(*argv, "--fork", "--pid-file", str(pidfile), str(raw), check=False)
+        assert pidfile.exists(), started.stderr
+        try:
+            uri = f"nbd+unix:///?socket={sock}"
+            for label, command, allowed in writes:
+                out = qemu("qemu-io", "-f", "raw", "-c", command, uri, check=False)
+                text = out.stdout + out.stderr
+                results[(name, label)] = "Operation not permitted" not in text
+                assert results[(name, label)] == allowed, (name, label, text)
+        finally:
+            pid = int(pidfile.read_text())
+            subprocess.run(["kill", str(pid)], check=True)
+            qemu("sh", "-c", f"while kill -0 {pid} 2>/dev/null; do sleep 0.05; done")
+        info = json.loads(qemu("qemu-img", "info", "--output=json", str(raw)).stdout)
+        assert info["format"] == "raw", info
+    assert {k[1]: v for k, v in results.items() if k[0] == "ours"} == {
+        k[1]: v for k, v in results.items() if k[0] == "qemu-nbd"
+    }
+
+
 def test_writes_reach_the_file_when_the_client_leaves_without_flush(tmp_path: Path, recipe: Recipe) -> None:
     img = tmp_path / "left.qcow2"
     qemu("qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M")
