@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="accepted for qemu-nbd compatibility: the server always outlives its clients",
     )
+    p.add_argument(
+        "--handshake-limit",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="drop clients that have not finished negotiating after this long (default 10; 0: never)",
+    )
     p.add_argument("--pid-file", metavar="PATH", help="write the server's pid here once it listens")
     p.add_argument("--fork", action="store_true", help="run in the background once listening")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeat for debug)")
@@ -72,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("-k cannot be combined with -b")
     if args.shared < 0:
         p.error("-e must be 0 or more")
+    if args.handshake_limit < 0:
+        p.error("--handshake-limit must be 0 or more")
     for text, what in ((args.export_name, "export name"), (args.description, "description")):
         if len(text.encode()) > 4096:
             p.error(f"{what} longer than 4096 bytes")
@@ -141,7 +150,9 @@ def new_event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
-async def serve(export: Export, listener: socket.socket, max_clients: int) -> None:
+async def serve(
+    export: Export, listener: socket.socket, max_clients: int, handshake_limit: float = 10.0
+) -> None:
     """Serve until SIGTERM/SIGINT, then finish the requests in flight."""
     import asyncio
 
@@ -151,7 +162,7 @@ async def serve(export: Export, listener: socket.socket, max_clients: int) -> No
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = Server({export.name: export}, max_clients=max_clients)
+    server = Server({export.name: export}, max_clients=max_clients, handshake_limit=handshake_limit)
     accepting = asyncio.create_task(server.accept_loop(listener))
     await stop.wait()
     log.info("shutting down")
@@ -255,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         import asyncio  # only now: see the module's docstring
 
         with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
-            runner.run(serve(export, listener, args.shared))
+            runner.run(serve(export, listener, args.shared, args.handshake_limit))
         # Every request has finished: flush and mark the image clean before
         # the pid file goes, so "pid file gone" means "image safe to open".
         disk, export = export.disk, None

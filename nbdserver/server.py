@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -36,6 +37,11 @@ T = TypeVar("T")
 
 MAX_IN_FLIGHT = 64  # requests per connection being served at once
 IN_FLIGHT_BYTES = 64 * 1024 * 1024  # read/write bytes per connection held in memory at once
+# ... and in the whole server: beyond this, new requests wait for others to finish (they do
+# not fail), so many clients with big requests cannot make a well-behaved one run out.
+SERVER_IN_FLIGHT_BYTES = 1024 * 1024 * 1024
+MMAP_PAYLOAD_MIN = 1024 * 1024  # WRITE payloads from this size are received into a mapping
+HANDSHAKE_LIMIT = 10.0  # seconds a client gets to finish negotiating (qemu-nbd's default)
 DISCARD_CHUNK = 1024 * 1024  # a refused WRITE payload is skipped this much at a time
 # Requests that cost less on the event loop than a hop to a worker thread and back: reads
 # from the page cache (a read that would wait for the device is refused there, RWF_NOWAIT,
@@ -55,6 +61,19 @@ _FUA = 1
 ACCEPT_RETRY_DELAY = 0.1  # back-off after a failed accept() (e.g. out of file descriptors)
 SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish after SIGTERM
 SHUTDOWN_LINGER = 2.0  # seconds a client gets to hang up after our last reply at shutdown
+
+
+def payload_buffer(n: int) -> memoryview:
+    """A buffer for a WRITE payload of ``n`` bytes that costs memory only as bytes arrive.
+
+    Big ones are anonymous mappings: untouched pages cost nothing, so a client
+    that announces 32 MiB and sends one byte holds one page, and the memory
+    goes back to the system as soon as the request is done.  Small ones come
+    from the heap (cheaper to get than a mapping).
+    """
+    if n >= MMAP_PAYLOAD_MIN:
+        return memoryview(mmap.mmap(-1, n))
+    return memoryview(bytearray(n))
 
 
 class _ByteBudget:
@@ -101,7 +120,13 @@ class Connection:
     async def run(self) -> None:
         self._task = asyncio.current_task()
         try:
-            negotiated = await self._handshake()
+            limit = self.server.handshake_limit
+            try:
+                async with asyncio.timeout(limit if limit > 0 else None):
+                    negotiated = await self._handshake()
+            except TimeoutError:
+                log.warning("%s: handshake not finished within %g s; dropping the client", self.peer, limit)
+                return
             if negotiated is not None:
                 log.info(
                     "%s: export %r, structured replies %s, contexts %s",
@@ -138,6 +163,9 @@ class Connection:
         finally:
             for task in self._requests:
                 task.cancel()
+            # The reading task holds its exception, whose traceback holds the reading frame (its
+            # buffers, and this connection): a cycle only a full collection would free.
+            self._reading = None
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._flush_after_client()  # before the close the client may be waiting for
             self.stream.close()
@@ -203,6 +231,8 @@ class Connection:
             if self._stopping and not stream.buffered:
                 return
             self._idle = not stream.buffered
+            if self._idle:
+                stream.shrink()  # an idle client keeps a small buffer
             try:
                 header = await stream.readexactly(28)
             except asyncio.IncompleteReadError as e:
@@ -240,7 +270,7 @@ class Connection:
             payload = None
             if self.server.can_run_inline(req):
                 if req.payload_length:
-                    payload = memoryview(bytearray(req.payload_length))
+                    payload = payload_buffer(req.payload_length)
                     await stream.readinto(payload)
                 buffers = commands.run(negotiated.export, req, negotiated, payload, wait=False)
                 if buffers is not None:
@@ -248,12 +278,23 @@ class Connection:
                     await self.stream.drain()
                     continue
             await self._slots.acquire()
-            held = await self._bytes.acquire(req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0)
-            if req.payload_length and payload is None:  # received straight into a buffer of its size
-                payload = memoryview(bytearray(req.payload_length))
-                await stream.readinto(payload)
+            wanted = req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0
+            held = await self._bytes.acquire(wanted)
+            try:
+                if req.payload_length and payload is None:  # received straight into a buffer of its size
+                    payload = payload_buffer(req.payload_length)
+                    await stream.readinto(payload)
+                # The server-wide share only now: a payload costs memory as it arrives (see
+                # payload_buffer), so a client that announces a big WRITE and stalls holds none of
+                # it, and cannot make everyone else wait.
+                held_server = await self.server.budget.acquire(wanted)
+            except BaseException:
+                self._bytes.release(held)
+                self._slots.release()
+                raise
             negotiated.export.in_workers += 1
-            task = asyncio.create_task(self._serve(negotiated, req, payload, held))
+            task = asyncio.create_task(self._serve(negotiated, req, payload, held, held_server))
+            payload = None  # the task holds it; this frame must not (a traceback would keep it)
             self._requests.add(task)
             task.add_done_callback(self._requests.discard)
             task.add_done_callback(negotiated.export.worker_done)
@@ -266,7 +307,7 @@ class Connection:
             length -= n
 
     async def _serve(
-        self, negotiated: Negotiated, req: Request, payload: memoryview | None, held: int
+        self, negotiated: Negotiated, req: Request, payload: memoryview | None, held: int, held_server: int
     ) -> None:
         try:
             buffers = await self.server.run_in_worker(
@@ -287,8 +328,10 @@ class Connection:
             log.exception("%s: internal error in %s; dropping the client", self.peer, cmd_name(req.cmd))
             self.stream.close()  # the reply is lost: better a closed connection than a client waiting forever
         finally:
+            payload = None
             self._slots.release()
             self._bytes.release(held)
+            self.server.budget.release(held_server)
 
     async def _finish_requests(self) -> None:
         while self._requests:
@@ -299,9 +342,15 @@ class Server:
     """Serves ``exports`` on any number of listening sockets."""
 
     def __init__(
-        self, exports: Mapping[str, Export], max_clients: int = 0, workers: int | None = None
+        self,
+        exports: Mapping[str, Export],
+        max_clients: int = 0,
+        workers: int | None = None,
+        handshake_limit: float = HANDSHAKE_LIMIT,
     ) -> None:
         self.exports = exports
+        self.handshake_limit = handshake_limit  # seconds; 0: no limit
+        self.budget = _ByteBudget(SERVER_IN_FLIGHT_BYTES)
         self.connections: set[Connection] = set()
         self._slots = asyncio.Semaphore(max_clients) if max_clients > 0 else None
         if workers is None:

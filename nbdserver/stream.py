@@ -14,15 +14,23 @@ from __future__ import annotations
 import asyncio
 import collections
 
-STAGING_SIZE = 256 * 1024  # bytes buffered ahead of the reader (headers, small payloads)
+# Bytes buffered ahead of the reader (headers, small payloads): a connection starts with a
+# small buffer (an idle client costs little) that grows while data arrives faster than it
+# is read, up to STAGING_MAX, and shrinks again when the connection goes idle.
+STAGING_MIN = 8 * 1024
+STAGING_MAX = 256 * 1024
+STAGING_SIZE = STAGING_MAX  # kept for callers that size things by it
+PARTIAL_KEPT = 64  # bytes of a cut message kept in IncompleteReadError (not a whole payload)
 COALESCE_MAX = 1024 * 1024  # replies held back to share one writev, at most this many bytes
-DIRECT_MIN = 64 * 1024  # a read still missing this much goes straight into the caller's buffer
+DIRECT_MIN = 16 * 1024  # a read still missing this much goes straight into the caller's buffer
 
 
 class Stream(asyncio.BufferedProtocol):
     """Protocol and reader/writer in one; a single task reads, any task may write."""
 
-    def __init__(self, staging_size: int = STAGING_SIZE) -> None:
+    def __init__(self, staging_size: int = STAGING_MIN, staging_max: int = STAGING_MAX) -> None:
+        self._min = staging_size
+        self._max = max(staging_max, staging_size)
         self._buf = bytearray(staging_size)
         self._view = memoryview(self._buf)
         self._start = 0  # unread bytes are _buf[_start:_end]
@@ -58,7 +66,22 @@ class Stream(asyncio.BufferedProtocol):
             n = self._end - self._start
             self._view[:n] = self._view[self._start : self._end]
             self._start, self._end = 0, n
+        if self._end == len(self._buf) and len(self._buf) < self._max:
+            self._resize(min(self._max, 4 * len(self._buf)))  # full of unread bytes: grow
         return self._view[self._end :]
+
+    def _resize(self, size: int) -> None:
+        n = self._end - self._start
+        buf = bytearray(size)
+        buf[:n] = self._view[self._start : self._end]
+        self._buf, self._view = buf, memoryview(buf)
+        self._start, self._end = 0, n
+
+    def shrink(self) -> None:
+        """Nothing buffered and the buffer grown: back to the small one (an idle client)."""
+        if self._start == self._end and len(self._buf) > self._min and self._target is None:
+            self._start = self._end = 0
+            self._resize(self._min)
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._target is not None:
@@ -68,7 +91,7 @@ class Stream(asyncio.BufferedProtocol):
                 self._wake()
             return
         self._end += nbytes
-        if self._end - self._start == len(self._buf) and not self._paused_reading:
+        if self._end - self._start == self._max and not self._paused_reading:
             self._paused_reading = True  # the reader is behind: let TCP push back
             self.transport.pause_reading()
         self._wake()
@@ -116,7 +139,7 @@ class Stream(asyncio.BufferedProtocol):
             self._waiter = None
 
     def _consumed(self) -> None:
-        if self._paused_reading and self._end - self._start < len(self._buf):
+        if self._paused_reading and self._end - self._start < self._max:
             self._paused_reading = False
             if not self._lost:
                 self.transport.resume_reading()
@@ -137,15 +160,17 @@ class Stream(asyncio.BufferedProtocol):
 
     async def readexactly(self, n: int) -> bytes:
         """``n`` bytes as ``bytes``; IncompleteReadError if the peer stops sending first."""
-        if n > len(self._buf):
+        if n > self._max:
             buf = bytearray(n)
             await self.readinto(memoryview(buf))
             return bytes(buf)
         while self._end - self._start < n:
             if self._eof:
-                partial = bytes(self._view[self._start : self._end])
+                partial = bytes(self._view[self._start : min(self._end, self._start + PARTIAL_KEPT)])
                 self._start = self._end
                 raise asyncio.IncompleteReadError(partial, n)
+            if self._end - self._start + (len(self._buf) - self._end) < n:
+                self._resize(max(n, len(self._buf)))  # room for the whole message
             await self._wait()
         start = self._start
         data = bytes(self._view[start : start + n])
@@ -167,8 +192,8 @@ class Stream(asyncio.BufferedProtocol):
                 self._consumed()
             if pos == n:
                 return
-            if self._eof:
-                raise asyncio.IncompleteReadError(bytes(view[:pos]), n)
+            if self._eof:  # the bytes that came are not copied out: only a hint of them
+                raise asyncio.IncompleteReadError(bytes(view[: min(pos, PARTIAL_KEPT)]), n)
             if n - pos < DIRECT_MIN:
                 await self._wait()
                 continue
