@@ -24,6 +24,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import qcow2
+from qcow2.hostfile import HostFile
+from qcow2.opening import confined_opener
 
 if TYPE_CHECKING:
     import asyncio
@@ -50,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-r", "--read-only", action="store_true", help="export read-only (default: read-write)")
     p.add_argument("-f", "--format", choices=("qcow2", "raw"), help="image format (default: probe)")
     p.add_argument(
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="with -r: serve even while another process writes the image (as qemu-img -U)",
+    )
+    p.add_argument(
         "-e",
         "--shared",
         type=int,
@@ -62,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--persistent",
         action="store_true",
         help="accepted for qemu-nbd compatibility: the server always outlives its clients",
+    )
+    p.add_argument(
+        "--confine",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="backing and data files must lie under DIR (repeatable; symlinks resolved)",
     )
     p.add_argument(
         "--handshake-limit",
@@ -79,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("-k cannot be combined with -b")
     if args.shared < 0:
         p.error("-e must be 0 or more")
+    if args.force_share and not args.read_only:
+        p.error("--force-share needs --read-only (-r)")
     if args.handshake_limit < 0:
         p.error("--handshake-limit must be 0 or more")
     for text, what in ((args.export_name, "export name"), (args.description, "description")):
@@ -89,7 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def open_export(args: argparse.Namespace) -> Export:
     try:
-        disk = qcow2.open_disk(args.image, fmt=args.format, read_only=args.read_only)
+        opener = confined_opener(args.confine, args.image) if args.confine else HostFile
+        disk = qcow2.open_disk(
+            args.image, fmt=args.format, read_only=args.read_only, opener=opener, force_share=args.force_share
+        )
     except Exception as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise StartupError(f"cannot open {args.image}: {msg}") from None

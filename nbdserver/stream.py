@@ -20,6 +20,7 @@ import collections
 STAGING_MIN = 8 * 1024
 STAGING_MAX = 256 * 1024
 STAGING_SIZE = STAGING_MAX  # kept for callers that size things by it
+SHRINK_DELAY = 1.0  # seconds after the reader first found nothing to read
 PARTIAL_KEPT = 64  # bytes of a cut message kept in IncompleteReadError (not a whole payload)
 COALESCE_MAX = 1024 * 1024  # replies held back to share one writev, at most this many bytes
 DIRECT_MIN = 16 * 1024  # a read still missing this much goes straight into the caller's buffer
@@ -48,6 +49,7 @@ class Stream(asyncio.BufferedProtocol):
         self._loop: asyncio.AbstractEventLoop | None = None  # set with the transport
         self._pending: list | None = None  # replies written in this loop iteration, not yet sent
         self._pending_bytes = 0
+        self._shrink_timer: asyncio.TimerHandle | None = None
 
     # --- protocol callbacks ---------------------------------------------------------
 
@@ -78,7 +80,16 @@ class Stream(asyncio.BufferedProtocol):
         self._start, self._end = 0, n
 
     def shrink(self) -> None:
-        """Nothing buffered and the buffer grown: back to the small one (an idle client)."""
+        """The reader is idle: if the buffer has grown, go back to the small one in a moment.
+
+        Not at once: a client with many requests in flight empties the buffer
+        between every two bursts, and would make it grow again each time.
+        """
+        if len(self._buf) > self._min and self._shrink_timer is None and self._loop is not None:
+            self._shrink_timer = self._loop.call_later(SHRINK_DELAY, self._shrink_if_idle)
+
+    def _shrink_if_idle(self) -> None:
+        self._shrink_timer = None
         if self._start == self._end and len(self._buf) > self._min and self._target is None:
             self._start = self._end = 0
             self._resize(self._min)
@@ -102,6 +113,9 @@ class Stream(asyncio.BufferedProtocol):
         return True  # keep the write side open: requests in flight still get their replies
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._shrink_timer is not None:
+            self._shrink_timer.cancel()
+            self._shrink_timer = None
         self._eof = True
         self._lost = True
         self._wake()

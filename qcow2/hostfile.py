@@ -10,10 +10,13 @@ say so.  Its calls may come from several threads at once (positioned I/O).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import stat
+import struct
 
 from .contract import WouldBlock, without_waiting
 from .status import DATA, OFFSET_VALID, ZERO, Status
@@ -25,6 +28,24 @@ FALLOC_FL_ZERO_RANGE = 0x10
 _PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE  # deallocate, keep the file's size
 _ZEROS = bytes(1 << 20)
 MAX_OFFSET = (1 << 63) - 1  # off_t: no file reaches beyond
+
+
+# QEMU's permission locks (block/file-posix.c): OFD read locks on single bytes.  Byte
+# LOCK_PERM_BASE + i: "I use permission i"; byte LOCK_SHARED_BASE + i: "nobody else may".
+# Being compatible byte for byte is what lets QEMU's tools and us see each other.
+LOCK_PERM_BASE = 100
+LOCK_SHARED_BASE = 200
+PERM_READ = 1 << 0  # BLK_PERM_CONSISTENT_READ
+PERM_WRITE = 1 << 1
+PERM_WRITE_UNCHANGED = 1 << 2
+PERM_RESIZE = 1 << 3
+_PERM_NAMES = ((PERM_READ, "consistent read"), (PERM_WRITE, "write"),
+               (PERM_WRITE_UNCHANGED, "write unchanged"), (PERM_RESIZE, "resize"))  # fmt: skip
+_FLOCK = struct.Struct("@hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid
+
+
+class LockConflict(OSError):
+    """Another process holds a permission lock we need (or uses what we would deny)."""
 
 
 def _unreachable(filename: str, offset: int) -> OSError:
@@ -77,6 +98,52 @@ class HostFile:
         self.can_nowait = hasattr(os, "RWF_NOWAIT")  # until the filesystem says otherwise
         self._unsupported: set[int] = set()  # fallocate modes the filesystem refused, likewise
         self.refresh_size()
+
+    def lock(self, hold: int, deny: int) -> None:
+        """Take QEMU's locks for permissions ``hold`` that we deny others ``deny``; or fail.
+
+        As QEMU does, the locks are set first and the conflicts tested after
+        (an OFD lock never conflicts with its own descriptor); on a conflict
+        every lock of ours is dropped again and LockConflict names what the
+        other process holds.
+        """
+        try:
+            for bit, _ in _PERM_NAMES:
+                if hold & bit:
+                    self._set_lock(LOCK_PERM_BASE + bit.bit_length() - 1, fcntl.F_RDLCK)
+                if deny & bit:
+                    self._set_lock(LOCK_SHARED_BASE + bit.bit_length() - 1, fcntl.F_RDLCK)
+            for bit, name in _PERM_NAMES:
+                index = bit.bit_length() - 1
+                if hold & bit and self._locked_by_other(LOCK_SHARED_BASE + index):
+                    raise LockConflict(
+                        errno.EAGAIN,
+                        f'Failed to get "{name}" lock: another process (QEMU, or another server) '
+                        f"has the image open and does not allow {name} access",
+                        self.filename,
+                    )
+                if deny & bit and self._locked_by_other(LOCK_PERM_BASE + index):
+                    raise LockConflict(
+                        errno.EAGAIN,
+                        f'Failed to get shared "{name}" lock: another process (QEMU, or another '
+                        f"server) has the image open for {name} access",
+                        self.filename,
+                    )
+        except BaseException:
+            self.unlock()
+            raise
+
+    def unlock(self) -> None:
+        with contextlib.suppress(OSError):
+            self._set_lock(LOCK_PERM_BASE, fcntl.F_UNLCK, 200)
+
+    def _set_lock(self, byte: int, kind: int, length: int = 1) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, byte, length, 0))
+
+    def _locked_by_other(self, byte: int) -> bool:
+        probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
+        kind = _FLOCK.unpack(fcntl.fcntl(self.fd, fcntl.F_OFD_GETLK, probe))[0]
+        return kind != fcntl.F_UNLCK
 
     def refresh_size(self) -> None:
         self.file_size = os.fstat(self.fd).st_size

@@ -9,6 +9,7 @@ classes themselves only read.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 
@@ -16,13 +17,34 @@ from .chain import ChainDisk, RawWriter, close_chain
 from .errors import ImageError
 from .format import layout as L
 from .format.header import Header, parse_header
-from .hostfile import HostFile
+from .hostfile import PERM_READ, PERM_RESIZE, PERM_WRITE, HostFile
 from .image import Qcow2Image
 from .metadata.owner import ImageMetadata
 from .status import Layer
 
 MAX_CHAIN_DEPTH = 64
 FileOpener = Callable[..., HostFile]  # (filename, writable) -> HostFile
+
+
+def confined_opener(directories: list[str], exempt: str) -> FileOpener:
+    """An opener that opens only files under ``directories`` (symlinks resolved), and ``exempt``.
+
+    For servers of images they do not trust: an image names its backing and
+    data files, and without this any host file (``/etc/shadow``, ``../..``)
+    could be read through a backing file, or written through a data file.
+    """
+    roots = [os.path.realpath(d) for d in directories]
+    exempt = os.path.realpath(exempt)
+
+    def opener(filename: str, writable: bool = False) -> HostFile:
+        real = os.path.realpath(filename)
+        if real != exempt and not any(os.path.commonpath([real, root]) == root for root in roots):
+            raise PermissionError(
+                errno.EACCES, f"outside the directories files are confined to ({', '.join(roots)})"
+            )
+        return HostFile(filename, writable)
+
+    return opener
 
 
 def open_host_file(filename: str, writable: bool = False, opener: FileOpener = HostFile) -> HostFile:
@@ -64,14 +86,57 @@ def open_layer(
     raise ValueError(f"unknown image format {fmt!r} (expected qcow2 or raw)")
 
 
+def lock_chain(top: Layer, writable: bool, force_share: bool = False) -> None:
+    """QEMU's permission locks on every file of the chain, as qemu-nbd takes them.
+
+    The writable top (and its data file): consistent read, write and resize,
+    denying others write and resize.  Every other file: consistent read,
+    denying write and resize (nobody may change what we serve), or denying
+    nothing with ``force_share`` (qemu-img's ``-U``; read-only opens only).
+    """
+    layer: Layer | None = top
+    while layer is not None:
+        if isinstance(layer, HostFile):
+            files = [layer]
+        else:
+            files = [layer.file] + ([layer.data_file] if layer.data_file is not None else [])
+        for file in files:
+            if writable:
+                hold, deny = PERM_READ | PERM_WRITE | PERM_RESIZE, PERM_WRITE | PERM_RESIZE
+            else:
+                hold, deny = PERM_READ, 0 if force_share else PERM_WRITE | PERM_RESIZE
+            try:
+                file.lock(hold, deny)
+            except OSError as e:
+                raise ImageError(f"{file.filename}: {e.strerror}") from None
+        writable = False
+        layer = layer.backing
+
+
 def open_disk(
-    filename: str, fmt: str | None = None, read_only: bool = True, opener: FileOpener = HostFile
+    filename: str,
+    fmt: str | None = None,
+    read_only: bool = True,
+    opener: FileOpener = HostFile,
+    *,
+    lock: bool = True,
+    force_share: bool = False,
 ) -> ChainDisk:
     """``filename`` with its whole backing chain as one disk, writable unless ``read_only``.
 
     ``opener`` makes the host files (tests pass one that records or delays I/O).
+    ``lock``: take QEMU's file locks (:func:`lock_chain`), so QEMU and we
+    never write an image the other uses.
     """
+    if force_share and not read_only:
+        raise ValueError("force-share (-U) needs a read-only export")
     top = open_layer(filename, fmt, writable=not read_only, opener=opener)
+    try:
+        if lock:
+            lock_chain(top, writable=not read_only, force_share=force_share)
+    except BaseException:
+        close_chain(top)
+        raise
     if read_only:
         return ChainDisk(top)
     try:

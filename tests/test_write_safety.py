@@ -255,5 +255,5 @@ def test_writes_reach_the_file_when_the_client_leaves_without_flush(tmp_path: Pa
         h.zero(65536, 0)
         h.shutdown()  # NBD_CMD_DISC without FLUSH; returns once the server closed the connection
         # The server still runs; another reader of the file must see the writes.
-        seen = qemu("qemu-io", "-r", "-c", "read -P 0x5a 1M 64k", "-c", "read -P 0 0 64k", str(img))
+        seen = qemu("qemu-io", "-r", "-U", "-c", "read -P 0x5a 1M 64k", "-c", "read -P 0 0 64k", str(img))
         assert "Pattern verification failed" not in seen.stdout + seen.stderr, seen.stdout
