@@ -21,6 +21,7 @@ import stat
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import qcow2
@@ -29,6 +30,8 @@ from qcow2.opening import confined_opener
 
 if TYPE_CHECKING:
     import asyncio
+
+    from .tls import TlsConfig
 
 from .export import Export
 
@@ -79,6 +82,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="backing and data files must lie under DIR (repeatable; symlinks resolved)",
     )
     p.add_argument(
+        "--tls-creds",
+        metavar="DIR",
+        help="require TLS; DIR holds ca-cert.pem, server-cert.pem, server-key.pem (as QEMU's tls-creds-x509)",
+    )
+    p.add_argument(
+        "--tls-verify-peer",
+        action="store_true",
+        help="with --tls-creds: clients need a CA-signed certificate",
+    )
+    p.add_argument(
+        "--tls-authz",
+        action="append",
+        default=[],
+        metavar="DN",
+        help="with --tls-creds: only clients whose certificate has this subject (CN=...,O=...); repeatable",
+    )
+    p.add_argument("--tls-psk", metavar="FILE", help="TLS with pre-shared keys (needs Python 3.13 or newer)")
+    p.add_argument(
         "--handshake-limit",
         type=float,
         default=10.0,
@@ -96,6 +117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("-e must be 0 or more")
     if args.force_share and not args.read_only:
         p.error("--force-share needs --read-only (-r)")
+    if (args.tls_verify_peer or args.tls_authz) and not args.tls_creds:
+        p.error("--tls-verify-peer and --tls-authz need --tls-creds")
+    if args.tls_psk:
+        p.error(
+            f"--tls-psk: TLS-PSK needs Python 3.13 or newer (this is {sys.version.split()[0]}); "
+            "use --tls-creds with x509 certificates"
+        )
     if args.handshake_limit < 0:
         p.error("--handshake-limit must be 0 or more")
     for text, what in ((args.export_name, "export name"), (args.description, "description")):
@@ -114,6 +142,20 @@ def open_export(args: argparse.Namespace) -> Export:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise StartupError(f"cannot open {args.image}: {msg}") from None
     return Export(args.export_name, disk, args.description, multi_conn=args.shared != 1)
+
+
+def tls_config(args: argparse.Namespace) -> TlsConfig | None:
+    """The TLS settings, their certificates loaded once now so that a bad file fails the start."""
+    if not args.tls_creds:
+        return None
+    from .tls import TlsConfig, TlsSetupError  # ssl: loaded only when TLS is asked for
+
+    try:
+        config = TlsConfig(Path(args.tls_creds), verify_peer=args.tls_verify_peer, authz=list(args.tls_authz))
+        config.context()
+    except TlsSetupError as e:
+        raise StartupError(str(e)) from None
+    return config
 
 
 def listen(args: argparse.Namespace) -> socket.socket:
@@ -171,7 +213,11 @@ def new_event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 async def serve(
-    export: Export, listener: socket.socket, max_clients: int, handshake_limit: float = 10.0
+    export: Export,
+    listener: socket.socket,
+    max_clients: int,
+    handshake_limit: float = 10.0,
+    tls: TlsConfig | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then finish the requests in flight."""
     import asyncio
@@ -182,7 +228,7 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = Server({export.name: export}, max_clients=max_clients, handshake_limit=handshake_limit)
+    server = Server({export.name: export}, max_clients=max_clients, handshake_limit=handshake_limit, tls=tls)
     accepting = asyncio.create_task(server.accept_loop(listener))
     await stop.wait()
     log.info("shutting down")
@@ -255,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             export = open_export(args)
+            tls = tls_config(args)
             listener = listen(args)
             if args.pid_file:
                 try:
@@ -286,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         import asyncio  # only now: see the module's docstring
 
         with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
-            runner.run(serve(export, listener, args.shared, args.handshake_limit))
+            runner.run(serve(export, listener, args.shared, args.handshake_limit, tls))
         # Every request has finished: flush and mark the image clean before
         # the pid file goes, so "pid file gone" means "image safe to open".
         disk, export = export.disk, None

@@ -56,6 +56,7 @@ class Step(NamedTuple):
     replies: list[bytes]
     result: Negotiated | None = None  # set once transmission begins
     close: bool = False  # the client aborted: close after sending the replies
+    start_tls: bool = False  # after the replies: the TLS handshake, then :meth:`Handshake.tls_started`
 
 
 class _State(Enum):
@@ -74,6 +75,10 @@ class Handshake:
     """One connection's handshake; ``exports`` maps names (``""`` = default) to exports."""
 
     exports: Mapping[str, Export]
+    #: FORCEDTLS: until STARTTLS succeeds, every option but STARTTLS and ABORT gets
+    #: ERR_TLS_REQD and nothing about the exports is revealed.
+    tls_required: bool = False
+    tls_active: bool = field(default=False, init=False)
     structured: bool = field(default=False, init=False)
     no_zeroes: bool = field(default=False, init=False)
     contexts: list[tuple[int, str]] = field(default_factory=list, init=False)
@@ -124,9 +129,21 @@ class Handshake:
         self._state, self._need = _State.OPTION_HEADER, 16
         return Step([])
 
+    def tls_started(self) -> None:
+        """The TLS handshake after STARTTLS succeeded: everything negotiated before is forgotten."""
+        self.tls_active = True
+        self.structured = False
+        self.contexts, self._meta_export = [], None
+
     def _run_option(self, data: bytes) -> Step:
         option = self._option
         self._state, self._need = _State.OPTION_HEADER, 16
+        if self.tls_required and not self.tls_active and option not in (Opt.STARTTLS, Opt.ABORT):
+            if option == Opt.EXPORT_NAME:  # cannot be answered with an error: end the session
+                raise ProtocolError("EXPORT_NAME before TLS on a server that requires TLS")
+            return Step(
+                [self._error(option, Rep.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")]
+            )
         handler = _HANDLERS.get(option)
         if handler is None:
             return Step([self._error(option, Rep.ERR_UNSUP, f"{opt_name(option)} is not supported")])
@@ -283,7 +300,12 @@ class Handshake:
         return Step(replies)
 
     def _opt_starttls(self, data: bytes) -> Step:
-        return Step([self._error(Opt.STARTTLS, Rep.ERR_POLICY, "TLS is not configured on this server")])
+        if not self.tls_required:
+            return Step([self._error(Opt.STARTTLS, Rep.ERR_POLICY, "TLS is not configured on this server")])
+        self._no_data(Opt.STARTTLS, data)
+        if self.tls_active:
+            raise _Invalid("TLS is already active")
+        return Step([self._reply(Opt.STARTTLS, Rep.ACK)], start_tls=True)
 
 
 _HANDLERS = {

@@ -19,6 +19,7 @@ import logging
 import mmap
 import os
 import socket
+import ssl
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -31,6 +32,7 @@ from .export import Export
 from .handshake import Handshake, Negotiated, ProtocolError
 from .requests import Request, check, parse_request
 from .stream import Stream
+from .tls import TlsConfig
 
 log = logging.getLogger("nbdserver")
 T = TypeVar("T")
@@ -212,7 +214,7 @@ class Connection:
             await asyncio.wait_for(self.stream.discard_until_eof(), SHUTDOWN_LINGER)
 
     async def _handshake(self) -> Negotiated | None:
-        hs = Handshake(self.server.exports)
+        hs = Handshake(self.server.exports, tls_required=self.server.tls is not None)
         self.stream.writelines([hs.greeting()])
         while True:
             step = hs.feed(await self.stream.readexactly(hs.need))
@@ -222,8 +224,35 @@ class Connection:
             if step.close:
                 log.info("%s: client aborted the handshake", self.peer)
                 return None
+            if step.start_tls:
+                await self._start_tls()
+                hs.tls_started()
             if step.result is not None:
                 return step.result
+
+    async def _start_tls(self) -> None:
+        """After STARTTLS's ACK: the TLS handshake on this connection, then the authorisation."""
+        stream, tls = self.stream, self.server.tls
+        if stream.buffered:
+            raise ProtocolError("data after NBD_OPT_STARTTLS before the TLS handshake")
+        stream.flush_pending()
+        stream.tls = True
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                stream.transport, stream, self.server.tls_context, server_side=True,
+                ssl_handshake_timeout=self.server.handshake_limit or None,
+            )  # fmt: skip
+        except (ssl.SSLError, OSError, TimeoutError) as e:
+            raise ProtocolError(f"TLS handshake failed: {e}") from None
+        if transport is None:
+            raise ConnectionResetError("connection closed during the TLS handshake")
+        stream.transport = transport
+        allowed, subject = tls.allows(transport.get_extra_info("peercert"))
+        if not allowed:
+            raise ProtocolError(f"client certificate {subject} is not on the --tls-authz list")
+        cipher = transport.get_extra_info("cipher")
+        log.info("%s: TLS established (%s), client %s", self.peer, cipher, subject)
 
     async def _read_requests(self, negotiated: Negotiated) -> None:
         stream = self.stream
@@ -347,8 +376,11 @@ class Server:
         max_clients: int = 0,
         workers: int | None = None,
         handshake_limit: float = HANDSHAKE_LIMIT,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.exports = exports
+        self.tls = tls  # None: no TLS (STARTTLS gets ERR_POLICY); else FORCEDTLS
+        self.tls_context = tls.context() if tls is not None else None
         self.handshake_limit = handshake_limit  # seconds; 0: no limit
         self.budget = _ByteBudget(SERVER_IN_FLIGHT_BYTES)
         self.connections: set[Connection] = set()

@@ -50,6 +50,7 @@ class Stream(asyncio.BufferedProtocol):
         self._pending: list | None = None  # replies written in this loop iteration, not yet sent
         self._pending_bytes = 0
         self._shrink_timer: asyncio.TimerHandle | None = None
+        self.tls = False  # set once STARTTLS has wrapped the transport
 
     # --- protocol callbacks ---------------------------------------------------------
 
@@ -110,7 +111,9 @@ class Stream(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake()
-        return True  # keep the write side open: requests in flight still get their replies
+        # Keep the write side open: requests in flight still get their replies.  (TLS has no
+        # half-close: the peer's close_notify ends the session, and asyncio ignores the answer.)
+        return not self.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._shrink_timer is not None:
@@ -236,6 +239,11 @@ class Stream(asyncio.BufferedProtocol):
         self._pending.extend(buffers)
         self._pending_bytes += sum(len(b) for b in buffers)
         if self._pending_bytes >= COALESCE_MAX:
+            self._flush()
+
+    def flush_pending(self) -> None:
+        """Hand the replies held back to the transport now (before it is replaced, as by TLS)."""
+        if self._pending is not None:
             self._flush()
 
     def _flush(self) -> None:

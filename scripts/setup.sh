@@ -28,7 +28,8 @@ VENV=${VENV:-$ROOT/.venv}
 #   nbdkit          the benchmark's C baseline (file plugin on the raw equivalent)
 #   util-linux      fallocate (test images with punched holes)
 #   ca-certificates pip talks HTTPS to PyPI
-APT_PACKAGES=(qemu-utils libnbd-bin file python3-libnbd python3-venv fio nbdkit util-linux ca-certificates)
+#   openssl         the TLS tests make their CA and certificates with it
+APT_PACKAGES=(qemu-utils libnbd-bin file python3-libnbd python3-venv fio nbdkit util-linux ca-certificates openssl)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 

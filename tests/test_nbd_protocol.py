@@ -539,3 +539,51 @@ def test_disk_errors_become_error_replies(tmp_path):
     assert flatten(commands.run(export, req, negotiated(export, False, ()))) == [
         wire.simple_reply(9, Err.EIO)
     ]
+
+
+# --- FORCEDTLS (no sockets: the state machine alone) ----------------------------------
+
+
+@pytest.fixture
+def tls_hs(export) -> Handshake:
+    h = Handshake({"": export}, tls_required=True)
+    h.feed(struct.pack(">I", 3))
+    return h
+
+
+@pytest.mark.parametrize(
+    "code, data",
+    [(Opt.LIST, b""), (Opt.INFO, info_data("")), (Opt.GO, info_data("")), (Opt.STRUCTURED_REPLY, b""),
+     (Opt.LIST_META_CONTEXT, meta_data("", [])), (99, b"x")],
+)  # fmt: skip
+def test_forcedtls_answers_tls_reqd_before_starttls(tls_hs, code, data):
+    step, replies = option(tls_hs, code, data)
+    assert [rep for rep, _ in replies] == [Rep.ERR_TLS_REQD] and step.result is None
+    assert b"test disk" not in replies[0][1], "nothing about the exports before TLS"
+
+
+def test_forcedtls_export_name_ends_the_session_and_abort_is_acked(tls_hs, export):
+    with pytest.raises(ProtocolError):
+        option(tls_hs, Opt.EXPORT_NAME, b"")
+    h = Handshake({"": export}, tls_required=True)
+    h.feed(struct.pack(">I", 3))
+    step, replies = option(h, Opt.ABORT)
+    assert step.close and replies == [(Rep.ACK, b"")]
+
+
+def test_starttls_then_everything_negotiated_before_is_forgotten(tls_hs):
+    step, replies = option(tls_hs, Opt.STARTTLS, b"x")
+    assert replies[0][0] == Rep.ERR_INVALID and not step.start_tls
+    step, replies = option(tls_hs, Opt.STARTTLS)
+    assert replies == [(Rep.ACK, b"")] and step.start_tls
+    tls_hs.tls_started()
+    option(tls_hs, Opt.STRUCTURED_REPLY)
+    step, replies = option(tls_hs, Opt.STARTTLS)
+    assert replies[0][0] == Rep.ERR_INVALID and not step.start_tls, "a second STARTTLS"
+    step, _ = option(tls_hs, Opt.GO, info_data(""))
+    assert step.result is not None and step.result.structured
+
+
+def test_starttls_without_tls_configured_is_policy(hs):
+    step, replies = option(hs, Opt.STARTTLS)
+    assert replies[0][0] == Rep.ERR_POLICY and not step.start_tls
