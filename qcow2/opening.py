@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 
 from .chain import ChainDisk, RawWriter, close_chain
-from .errors import ImageError
+from .errors import ImageError, shown
 from .format import layout as L
 from .format.header import Header, parse_header
 from .hostfile import PERM_READ, PERM_RESIZE, PERM_WRITE, HostFile
@@ -108,7 +108,7 @@ def lock_chain(top: Layer, writable: bool, force_share: bool = False) -> None:
             try:
                 file.lock(hold, deny)
             except OSError as e:
-                raise ImageError(f"{file.filename}: {e.strerror}") from None
+                raise ImageError(f"{shown(file.filename)}: {e.strerror}") from None
         writable = False
         layer = layer.backing
 
@@ -219,7 +219,7 @@ def _open_data_file(filename: str, h: Header, writable: bool, opener: FileOpener
     try:
         return opener(path, writable)
     except OSError as e:
-        raise ImageError(f"{filename}: cannot open data file {path}: {e.strerror}") from None
+        raise ImageError(f"{shown(filename)}: cannot open data file {shown(path)}: {e.strerror}") from None
 
 
 def _open_backing(filename: str, h: Header, depth: int, opener: FileOpener) -> Layer | None:
@@ -228,13 +228,13 @@ def _open_backing(filename: str, h: Header, depth: int, opener: FileOpener) -> L
     name = h.backing_file
     path = os.path.join(os.path.dirname(filename), name)
     if ":" in name.split("/", 1)[0] and not os.path.exists(path):
-        raise ImageError(f"{filename}: backing file {name!r} uses a protocol we do not support")
+        raise ImageError(f"{shown(filename)}: backing file {name!r} uses a protocol we do not support")
     if not os.path.exists(path):
-        raise ImageError(f"{filename}: backing file {path} does not exist")
+        raise ImageError(f"{shown(filename)}: backing file {shown(path)} does not exist")
     try:
         file = opener(path, False)
     except OSError as e:
-        raise ImageError(f"{filename}: cannot open backing file {path}: {e.strerror}") from None
+        raise ImageError(f"{shown(filename)}: cannot open backing file {shown(path)}: {e.strerror}") from None
     fmt = h.backing_format or _probe(file)
     if fmt == "raw":
         return file

@@ -272,7 +272,10 @@ class ReferenceCounter:
         raw = self.file.pread(dir_offset, dir_size)
         cs = self.cs
         try:
-            for entry in walk_bitmap_directory(raw, h.bitmaps["nb_bitmaps"]):
+            entries = list(walk_bitmap_directory(raw, h.bitmaps["nb_bitmaps"]))
+            if any(e.problem(cs, h.size) for e in entries):  # QEMU's bitmap_list_load fails whole
+                raise BitmapDirectoryError("invalid bitmap directory entry")
+            for entry in entries:
                 table_offset, table_size = entry.table_offset, entry.table_size
                 self._inc(res, table_offset, table_size * 8)
                 for value in decode_bitmap_table(self.file.pread(table_offset, table_size * 8)):

@@ -10,6 +10,9 @@ from construct import ConstructError
 
 from . import layout as L
 
+BME_MAX_TABLE_SIZE = 0x8000000  # QEMU's limits (qcow2-bitmap.c)
+BME_MAX_PHYS_SIZE = 0x20000000
+
 
 class BitmapDirectoryError(ValueError):
     """An entry runs past the end of the directory."""
@@ -22,6 +25,22 @@ class BitmapEntry:
     flags: int
     granularity_bits: int
     name: bytes
+
+    def problem(self, cluster_size: int, disk_size: int) -> str | None:
+        """Why QEMU would refuse this entry (its check_dir_entry), or None.
+
+        Also what bounds the table a walk reads: at most 512 MiB of bitmap
+        data, so at most BME_MAX_PHYS_SIZE / cluster_size table entries.
+        """
+        if not self.table_size or not self.table_offset or self.table_offset % cluster_size:
+            return "bitmap table offset or size is invalid"
+        if self.table_size > BME_MAX_TABLE_SIZE or self.table_size * cluster_size > BME_MAX_PHYS_SIZE:
+            return f"bitmap table of {self.table_size} entries is too large"
+        if not 9 <= self.granularity_bits <= 31:
+            return f"bitmap granularity 2^{self.granularity_bits} is not supported"
+        if disk_size > (self.table_size * cluster_size * 8) << self.granularity_bits:
+            return "bitmap table too small for the disk"
+        return None
 
 
 def walk_bitmap_directory(directory: bytes, count: int | None = None) -> Iterator[BitmapEntry]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from construct import ConstructError
 
-from ..errors import ImageError
+from ..errors import ImageError, shown
 from . import layout as L
 
 MAX_CLUSTER_BITS = 21
@@ -89,7 +89,7 @@ class Header:
 
 def parse_header(cluster0: bytes, filename: str) -> Header:
     """Parse the first cluster (or as much of it as the file has)."""
-    where = f"{filename}: "
+    where = f"{shown(filename)}: "
     try:
         common = L.HeaderV2.parse(cluster0)
     except ConstructError:
