@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .tls import TlsConfig
 
 from .export import Export
+from .exportspec import ExportSpec, check_exports, parse_export
 
 log = logging.getLogger("nbdserver")
 
@@ -109,14 +110,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pid-file", metavar="PATH", help="write the server's pid here once it listens")
     p.add_argument("--fork", action="store_true", help="run in the background once listening")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeat for debug)")
-    p.add_argument("image", help="image file to export")
+    p.add_argument(
+        "--export",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="another export: name=NAME,file=PATH[,readonly=on|off][,description=TEXT][,format=F] "
+        "(repeatable; readonly defaults to -r)",
+    )
+    p.add_argument("image", nargs="?", help="image file to export (as -x NAME)")
     args = p.parse_args(argv)
     if args.socket and args.bind:
         p.error("-k cannot be combined with -b")
     if args.shared < 0:
         p.error("-e must be 0 or more")
-    if args.force_share and not args.read_only:
-        p.error("--force-share needs --read-only (-r)")
     if (args.tls_verify_peer or args.tls_authz) and not args.tls_creds:
         p.error("--tls-verify-peer and --tls-authz need --tls-creds")
     if args.tls_psk:
@@ -126,22 +133,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.handshake_limit < 0:
         p.error("--handshake-limit must be 0 or more")
-    for text, what in ((args.export_name, "export name"), (args.description, "description")):
-        if len(text.encode()) > 4096:
-            p.error(f"{what} longer than 4096 bytes")
+    specs = []
+    if args.image is not None:
+        specs.append(ExportSpec(args.export_name, args.image, args.read_only, args.description, args.format))
+    for text in args.export:
+        try:
+            specs.append(parse_export(text, read_only_default=args.read_only))
+        except ValueError as e:
+            p.error(f"--export {text}: {e}")
+    if not specs:
+        p.error("an IMAGE or at least one --export is needed")
+    try:
+        check_exports(specs)
+    except ValueError as e:
+        p.error(str(e))
+    if args.force_share and not all(spec.read_only for spec in specs):
+        p.error("--force-share needs read-only exports (-r, or readonly=on)")
+    args.specs = specs
     return args
 
 
-def open_export(args: argparse.Namespace) -> Export:
+def open_exports(args: argparse.Namespace) -> dict[str, Export]:
+    """Every export's disk, in order; on a failure the ones opened are closed again."""
+    exports: dict[str, Export] = {}
     try:
-        opener = confined_opener(args.confine, args.image) if args.confine else HostFile
+        for spec in args.specs:
+            exports[spec.name] = open_export(spec, args)
+    except BaseException:
+        for export in exports.values():
+            close_disk(export.disk, export.name)
+        raise
+    return exports
+
+
+def open_export(spec: ExportSpec, args: argparse.Namespace) -> Export:
+    try:
+        opener = confined_opener(args.confine, spec.file) if args.confine else HostFile
         disk = qcow2.open_disk(
-            args.image, fmt=args.format, read_only=args.read_only, opener=opener, force_share=args.force_share
+            spec.file, fmt=spec.fmt, read_only=spec.read_only, opener=opener, force_share=args.force_share
         )
     except Exception as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise StartupError(f"cannot open {args.image}: {msg}") from None
-    return Export(args.export_name, disk, args.description, multi_conn=args.shared != 1)
+        raise StartupError(f"cannot open {spec.file}: {msg}") from None
+    return Export(spec.name, disk, spec.description, multi_conn=args.shared != 1)
 
 
 def tls_config(args: argparse.Namespace) -> TlsConfig | None:
@@ -213,7 +247,7 @@ def new_event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 async def serve(
-    export: Export,
+    exports: dict[str, Export],
     listener: socket.socket,
     max_clients: int,
     handshake_limit: float = 10.0,
@@ -228,7 +262,7 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = Server({export.name: export}, max_clients=max_clients, handshake_limit=handshake_limit, tls=tls)
+    server = Server(exports, max_clients=max_clients, handshake_limit=handshake_limit, tls=tls)
     accepting = asyncio.create_task(server.accept_loop(listener))
     await stop.wait()
     log.info("shutting down")
@@ -296,11 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="qcow2-nbd[%(process)d]: %(levelname)s: %(message)s")
     ready_fd = _daemonize() if args.fork else -1
     listener = None
-    export = None
+    exports: dict[str, Export] = {}
     pid_written = False
     try:
         try:
-            export = open_export(args)
+            exports = open_exports(args)
             tls = tls_config(args)
             listener = listen(args)
             if args.pid_file:
@@ -321,26 +355,30 @@ def main(argv: list[str] | None = None) -> int:
         else:
             host, port = listener.getsockname()[:2]
             where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
-        log.info("serving %s (%d bytes) as %r on %s", args.image, export.size, export.name, where)
+        for spec in args.specs:
+            log.info(
+                "serving %s (%d bytes) as %r on %s", spec.file, exports[spec.name].size, spec.name, where
+            )
         if ready_fd >= 0:
             os.write(ready_fd, b"\0")
             os.close(ready_fd)
             ready_fd = -1
             _release_caller_stderr()
         keep_buffers_on_the_heap()
-        if export.disk.can_extents:
+        if any(export.disk.can_extents for export in exports.values()):
             threading.Thread(target=_load_map_code, name="nbd-warm-up", daemon=True).start()
         import asyncio  # only now: see the module's docstring
 
         with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
-            runner.run(serve(export, listener, args.shared, args.handshake_limit, tls))
-        # Every request has finished: flush and mark the image clean before
+            runner.run(serve(exports, listener, args.shared, args.handshake_limit, tls))
+        # Every request has finished: flush and mark the images clean before
         # the pid file goes, so "pid file gone" means "image safe to open".
-        disk, export = export.disk, None
-        if not close_disk(disk, args.image):
-            return 1
-        log.info("closed %s", args.image)
-        return 0
+        closing, exports = exports, {}
+        ok = True
+        for spec in args.specs:
+            ok = close_disk(closing[spec.name].disk, spec.file) and ok
+            log.info("closed %s", spec.file)
+        return 0 if ok else 1
     finally:
         if ready_fd >= 0:
             os.close(ready_fd)
@@ -349,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.socket:
                 with contextlib.suppress(OSError):
                     os.unlink(args.socket)
-        if export is not None:
-            close_disk(export.disk, args.image)
+        for export in exports.values():
+            close_disk(export.disk, export.name)
         if pid_written:
             with contextlib.suppress(OSError):
                 os.unlink(args.pid_file)

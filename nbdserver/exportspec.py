@@ -1,0 +1,88 @@
+"""``--export`` option values: which files a server exports, under which names.
+
+``name=NAME,file=PATH[,readonly=on|off][,description=TEXT][,format=qcow2|raw]``,
+QEMU's key=value syntax (a doubled comma is a literal comma).  Pure: parsing
+and the rules a set of exports must follow, tested without files or sockets.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+_BOOL = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
+KEYS = ("name", "file", "readonly", "description", "format")
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    name: str
+    file: str
+    read_only: bool = False
+    description: str = ""
+    fmt: str | None = None
+
+
+def _split(text: str) -> list[str]:
+    """Split on single commas; ``,,`` stands for a comma inside a value."""
+    parts, current, i = [], [], 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1 : i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(text[i])
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def parse_export(text: str, read_only_default: bool = False) -> ExportSpec:
+    """One ``--export`` value; ValueError names what is wrong."""
+    fields: dict[str, str] = {}
+    for part in _split(text):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"{part!r} is not key=value (keys: {', '.join(KEYS)})")
+        if key not in KEYS:
+            raise ValueError(f"unknown key {key!r} (keys: {', '.join(KEYS)})")
+        if key in fields:
+            raise ValueError(f"{key} given twice")
+        fields[key] = value
+    if "file" not in fields or not fields["file"]:
+        raise ValueError("file=PATH is required")
+    read_only = read_only_default
+    if "readonly" in fields:
+        if fields["readonly"] not in _BOOL:
+            raise ValueError(f"readonly={fields['readonly']}: on or off")
+        read_only = _BOOL[fields["readonly"]]
+    fmt = fields.get("format") or None
+    if fmt not in (None, "qcow2", "raw"):
+        raise ValueError(f"format={fmt}: qcow2 or raw")
+    return ExportSpec(fields.get("name", ""), fields["file"], read_only, fields.get("description", ""), fmt)
+
+
+def check_exports(specs: list[ExportSpec]) -> None:
+    """Names unique; every file in one export only (one driver per image file: two writers of
+    one qcow2 file in one process would each keep their own metadata and corrupt it)."""
+    names: set[str] = set()
+    files: dict[tuple[int, int] | str, str] = {}
+    for spec in specs:
+        if spec.name in names:
+            raise ValueError(f"export name {spec.name!r} used twice")
+        names.add(spec.name)
+        for text, what in ((spec.name, "export name"), (spec.description, "description")):
+            if len(text.encode()) > 4096:
+                raise ValueError(f"{what} longer than 4096 bytes")
+        try:
+            st = os.stat(spec.file)
+            key: tuple[int, int] | str = (st.st_dev, st.st_ino)
+        except OSError:
+            key = os.path.realpath(spec.file)  # opening will say what is wrong with it
+        if key in files:
+            raise ValueError(f"{spec.file}: already exported as {files[key]!r}; one image file, one export")
+        files[key] = spec.name
