@@ -107,6 +107,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="drop clients that have not finished negotiating after this long (default 10; 0: never)",
     )
+    p.add_argument(
+        "-A",
+        "--allocation-depth",
+        action="store_true",
+        help="accepted for qemu-nbd compatibility: qemu:allocation-depth is always offered",
+    )
+    p.add_argument(
+        "--detect-zeroes",
+        choices=("off", "on", "unmap"),
+        default="off",
+        help="WRITEs of zeros become zero writes (on) or unmapping ones (unmap), as qemu-nbd's",
+    )
+    p.add_argument(
+        "--cache", metavar="MODE", help="accepted for qemu-nbd compatibility (the page cache is used)"
+    )
+    p.add_argument("--aio", metavar="MODE", help="accepted for qemu-nbd compatibility (threads do the I/O)")
+    p.add_argument(
+        "--exit-after-last",
+        action="store_true",
+        help="exit once the last client has gone (qemu-nbd's behaviour without -t)",
+    )
     p.add_argument("--pid-file", metavar="PATH", help="write the server's pid here once it listens")
     p.add_argument("--fork", action="store_true", help="run in the background once listening")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeat for debug)")
@@ -147,6 +168,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_exports(specs)
     except ValueError as e:
         p.error(str(e))
+    for option in ("cache", "aio"):
+        if getattr(args, option):
+            log.info(
+                "--%s=%s accepted for qemu-nbd compatibility; it changes nothing here",
+                option,
+                getattr(args, option),
+            )
     if args.force_share and not all(spec.read_only for spec in specs):
         p.error("--force-share needs read-only exports (-r, or readonly=on)")
     args.specs = specs
@@ -175,7 +203,9 @@ def open_export(spec: ExportSpec, args: argparse.Namespace) -> Export:
     except Exception as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise StartupError(f"cannot open {spec.file}: {msg}") from None
-    return Export(spec.name, disk, spec.description, multi_conn=args.shared != 1)
+    return Export(
+        spec.name, disk, spec.description, multi_conn=args.shared != 1, detect_zeroes=args.detect_zeroes
+    )
 
 
 def tls_config(args: argparse.Namespace) -> TlsConfig | None:
@@ -252,8 +282,9 @@ async def serve(
     max_clients: int,
     handshake_limit: float = 10.0,
     tls: TlsConfig | None = None,
+    exit_after_last: bool = False,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then finish the requests in flight."""
+    """Serve until SIGTERM/SIGINT (or the last client gone), then finish the requests in flight."""
     import asyncio
 
     from .server import Server
@@ -263,6 +294,8 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = Server(exports, max_clients=max_clients, handshake_limit=handshake_limit, tls=tls)
+    if exit_after_last:
+        server.on_last_client_gone = stop.set
     accepting = asyncio.create_task(server.accept_loop(listener))
     await stop.wait()
     log.info("shutting down")
@@ -328,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="qcow2-nbd[%(process)d]: %(levelname)s: %(message)s")
+    for option, value in (("cache", args.cache), ("aio", args.aio)):
+        if value:
+            log.info("--%s=%s accepted for qemu-nbd compatibility; it changes nothing here", option, value)
     ready_fd = _daemonize() if args.fork else -1
     listener = None
     exports: dict[str, Export] = {}
@@ -370,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         import asyncio  # only now: see the module's docstring
 
         with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
-            runner.run(serve(exports, listener, args.shared, args.handshake_limit, tls))
+            runner.run(serve(exports, listener, args.shared, args.handshake_limit, tls, args.exit_after_last))
         # Every request has finished: flush and mark the images clean before
         # the pid file goes, so "pid file gone" means "image safe to open".
         closing, exports = exports, {}

@@ -11,7 +11,9 @@ They know nothing of sockets, so they are tested directly.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
+import mmap
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from qcow2.contract import Access, WouldBlock, without_waiting
 
 from . import wire
-from .constants import MAX_EXTENTS, Cmd, CmdFlag, Err, cmd_name
+from .constants import MAX_EXTENTS, MAX_PAYLOAD, Cmd, CmdFlag, Err, cmd_name
 from .export import Export
 from .handshake import Negotiated
 from .requests import Request
@@ -140,9 +142,18 @@ def do_block_status(export: Export, req: Request, state: Negotiated, payload: me
     return chunks
 
 
+@functools.cache
+def _zeros() -> memoryview:
+    """MAX_PAYLOAD zero bytes that cost no memory: a read-only anonymous mapping (the zero page)."""
+    return memoryview(mmap.mmap(-1, MAX_PAYLOAD, prot=mmap.PROT_READ))
+
+
 def do_write(export: Export, req: Request, state: Negotiated, payload: memoryview | None) -> Buffers:
     """The payload was read by the server into a buffer of the request's size; no copy here."""
-    if req.length:
+    if req.length and export.detect_zeroes != "off" and payload == _zeros()[: req.length]:
+        unmap = export.detect_zeroes == "unmap"
+        export.disk.write_zeroes(req.offset, req.length, may_unmap=unmap, fua=bool(req.flags & _FUA))
+    elif req.length:
         export.disk.write(req.offset, payload, fua=bool(req.flags & _FUA))
     elif req.flags & _FUA:
         export.disk.flush()

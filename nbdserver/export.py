@@ -46,12 +46,15 @@ class Export:
 
     ``multi_conn``: more than one client may connect (with ``-e 1`` a second
     connection would only wait, so CAN_MULTI_CONN must not invite one).
+    ``detect_zeroes``: qemu-nbd's ``--detect-zeroes``: "off", "on" (a WRITE of
+    zeros becomes a zero write) or "unmap" (an unmapping one).
     """
 
     name: str
     disk: Disk
     description: str = ""
     multi_conn: bool = True
+    detect_zeroes: str = "off"
     gate: RequestGate = field(init=False, repr=False)
     # Kept by the event loop, read by workers: is anyone else using this export right now?
     connections: int = field(default=0, init=False)  # clients in the transmission phase

@@ -403,6 +403,7 @@ class Server:
         }
         self._tasks: set[asyncio.Task] = set()
         self._accepted = 0
+        self.on_last_client_gone: Callable[[], None] | None = None  # qemu-nbd without -t: exit
 
     @staticmethod
     def can_run_inline(req: Request) -> bool:
@@ -477,6 +478,8 @@ class Server:
         finally:
             self.connections.discard(conn)
             self._release_slot()
+            if not self.connections and self.on_last_client_gone is not None:
+                self.on_last_client_gone()
 
     async def shutdown(self) -> None:
         """Stop reading requests, let those in flight finish, close every connection."""

@@ -1,0 +1,88 @@
+"""qemu-nbd options scripts pass (issue 10 §3): accepted; where they mean something, the same effect."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=120)
+
+
+def start(kind: str, image: Path, *opts: str) -> tuple[str, int]:
+    sock, pidfile = image.with_suffix(".sock"), image.with_suffix(".pid")
+    if kind == "qemu":
+        argv = ["qemu-nbd", "-t", "-f", "qcow2", *opts]
+    else:
+        argv = [sys.executable, "-m", "nbdserver", "-f", "qcow2", *opts]
+    started = sh(*argv, "-k", str(sock), "--fork", "--pid-file", str(pidfile), str(image), check=False)
+    assert pidfile.exists(), started.stderr
+    return f"nbd+unix:///?socket={sock}", int(pidfile.read_text())
+
+
+def stop(pid: int) -> None:
+    os.kill(pid, 15)
+    gone(pid)
+
+
+def gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_compatibility_options_are_accepted(tmp_path: Path, oracle_tools: None) -> None:
+    img = tmp_path / "a.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M")
+    uri, pid = start("ours", img, "-r", "-A", "--cache=writeback", "--aio=threads")
+    try:
+        assert sh("nbdinfo", "--size", uri).stdout.strip() == str(1 << 20)
+    finally:
+        stop(pid)
+
+
+@pytest.mark.parametrize("mode", ["on", "unmap"])
+def test_detect_zeroes_like_qemu_nbd(tmp_path: Path, oracle_tools: None, mode: str) -> None:
+    """The same image, the same WRITEs of zeros (and of data), then qemu-img map of both files."""
+    base = tmp_path / "base.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(base), "8M")
+    sh("qemu-io", "-c", "write -P 1 0 4M", str(base))
+    maps = {}
+    for kind in ("qemu", "ours"):
+        img = tmp_path / f"{kind}.qcow2"
+        shutil.copy(base, img)
+        opts = (["--discard=unmap"] if kind == "qemu" and mode == "unmap" else []) + ["--detect-zeroes", mode]
+        uri, pid = start(kind, img, *opts)
+        try:
+            sh("qemu-io", "-f", "raw", "-c", "write -P 0 0 1M", "-c", "write -P 0 5M 128k",
+               "-c", "write -P 2 2M 64k", "-c", "flush", uri)  # fmt: skip
+        finally:
+            stop(pid)
+        maps[kind] = json.loads(sh("qemu-img", "map", "--output=json", str(img)).stdout)
+        assert sh("qemu-img", "check", str(img)).returncode == 0
+    assert maps["ours"] == maps["qemu"]
+    assert any(e["zero"] for e in maps["ours"] if e["start"] == 0), "the zeros were detected"
+
+
+def test_exit_after_last_client(tmp_path: Path, oracle_tools: None) -> None:
+    img = tmp_path / "a.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M")
+    uri, pid = start("ours", img, "--exit-after-last")
+    try:
+        assert sh("nbdinfo", "--size", uri).stdout.strip() == str(1 << 20)
+        assert gone(pid, 15), "the server exits once its only client has gone"
+        assert sh("qemu-img", "check", str(img)).returncode == 0
+    finally:
+        if not gone(pid, 0):
+            stop(pid)
