@@ -124,6 +124,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--aio", metavar="MODE", help="accepted for qemu-nbd compatibility (threads do the I/O)")
     p.add_argument(
+        "-s",
+        "--snapshot",
+        action="store_true",
+        help="writes go to a throwaway qcow2 overlay, dropped at exit (as qemu-nbd -s)",
+    )
+    p.add_argument(
         "--exit-after-last",
         action="store_true",
         help="exit once the last client has gone (qemu-nbd's behaviour without -t)",
@@ -194,12 +200,35 @@ def open_exports(args: argparse.Namespace) -> dict[str, Export]:
     return exports
 
 
+def open_snapshot(spec: ExportSpec, confine: list[str]) -> qcow2.Disk:
+    """qemu-nbd -s: a temporary qcow2 overlay over the image, unlinked once open (gone at exit).
+
+    The image itself is opened read-only under it, and locked so (nobody may write it meanwhile).
+    """
+    import tempfile
+
+    from qcow2.create import run_create
+
+    fmt = spec.fmt or qcow2.probe_format(spec.file)
+    fd, overlay = tempfile.mkstemp(prefix="qcow2-nbd-snapshot-", suffix=".qcow2")
+    os.close(fd)
+    try:
+        run_create(overlay, None, backing=os.path.abspath(spec.file), backing_fmt=fmt, quiet=True)
+        opener = confined_opener(confine, spec.file, overlay) if confine else HostFile
+        return qcow2.open_disk(overlay, fmt="qcow2", read_only=False, opener=opener)
+    finally:
+        os.unlink(overlay)
+
+
 def open_export(spec: ExportSpec, args: argparse.Namespace) -> Export:
     try:
         opener = confined_opener(args.confine, spec.file) if args.confine else HostFile
-        disk = qcow2.open_disk(
-            spec.file, fmt=spec.fmt, read_only=spec.read_only, opener=opener, force_share=args.force_share
-        )
+        if args.snapshot and not spec.read_only:
+            disk = open_snapshot(spec, args.confine)
+        else:
+            disk = qcow2.open_disk(
+                spec.file, fmt=spec.fmt, read_only=spec.read_only, opener=opener, force_share=args.force_share
+            )
     except Exception as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise StartupError(f"cannot open {spec.file}: {msg}") from None

@@ -26,19 +26,19 @@ MAX_CHAIN_DEPTH = 64
 FileOpener = Callable[..., HostFile]  # (filename, writable) -> HostFile
 
 
-def confined_opener(directories: list[str], exempt: str) -> FileOpener:
-    """An opener that opens only files under ``directories`` (symlinks resolved), and ``exempt``.
+def confined_opener(directories: list[str], *exempt: str) -> FileOpener:
+    """An opener that opens only files under ``directories`` (symlinks resolved), and ``exempt`` ones.
 
     For servers of images they do not trust: an image names its backing and
     data files, and without this any host file (``/etc/shadow``, ``../..``)
     could be read through a backing file, or written through a data file.
     """
     roots = [os.path.realpath(d) for d in directories]
-    exempt = os.path.realpath(exempt)
+    allowed = {os.path.realpath(e) for e in exempt}
 
     def opener(filename: str, writable: bool = False) -> HostFile:
         real = os.path.realpath(filename)
-        if real != exempt and not any(os.path.commonpath([real, root]) == root for root in roots):
+        if real not in allowed and not any(os.path.commonpath([real, root]) == root for root in roots):
             raise PermissionError(
                 errno.EACCES, f"outside the directories files are confined to ({', '.join(roots)})"
             )

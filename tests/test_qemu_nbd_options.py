@@ -86,3 +86,28 @@ def test_exit_after_last_client(tmp_path: Path, oracle_tools: None) -> None:
     finally:
         if not gone(pid, 0):
             stop(pid)
+
+
+def test_snapshot_mode_writes_to_a_throwaway_overlay(tmp_path: Path, oracle_tools: None) -> None:
+    """-s, as qemu-nbd -s: the client reads its own writes, the image never changes, nothing is left."""
+    img = tmp_path / "golden.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M")
+    sh("qemu-io", "-c", "write -P 1 0 4M", str(img))
+    before = img.read_bytes()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    sock, pidfile = tmp_path / "s.sock", tmp_path / "s.pid"
+    argv = [sys.executable, "-m", "nbdserver", "-s", "-k", str(sock), "--fork", "--pid-file", str(pidfile)]
+    subprocess.run([*argv, str(img)], check=True, timeout=60, env={**os.environ, "TMPDIR": str(scratch)})
+    pid = int(pidfile.read_text())
+    uri = f"nbd+unix:///?socket={sock}"
+    try:
+        assert list(scratch.iterdir()) == [], "the overlay is unlinked once open"
+        sh("qemu-io", "-f", "raw", "-c", "write -P 7 1M 64k", uri)
+        seen = sh("qemu-io", "-f", "raw", "-c", "read -P 7 1M 64k", "-c", "read -P 1 0 1M", uri)
+        assert "Pattern verification failed" not in seen.stdout, seen.stdout
+        refused = sh("qemu-io", "-c", "write 0 4k", str(img), check=False)
+        assert refused.returncode != 0 and "lock" in refused.stderr, "the image is locked against writers"
+    finally:
+        stop(pid)
+    assert img.read_bytes() == before
