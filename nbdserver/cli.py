@@ -124,6 +124,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--aio", metavar="MODE", help="accepted for qemu-nbd compatibility (threads do the I/O)")
     p.add_argument(
+        "-o",
+        "--offset",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="export the image from this byte on (a partition, say), as qemu-nbd -o",
+    )
+    p.add_argument(
         "-s",
         "--snapshot",
         action="store_true",
@@ -158,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--tls-psk: TLS-PSK needs Python 3.13 or newer (this is {sys.version.split()[0]}); "
             "use --tls-creds with x509 certificates"
         )
+    if args.offset < 0:
+        p.error("--offset must be 0 or more")
     if args.handshake_limit < 0:
         p.error("--handshake-limit must be 0 or more")
     specs = []
@@ -232,6 +242,14 @@ def open_export(spec: ExportSpec, args: argparse.Namespace) -> Export:
     except Exception as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise StartupError(f"cannot open {spec.file}: {msg}") from None
+    if args.offset:
+        from qcow2.window import DiskWindow
+
+        try:
+            disk = DiskWindow(disk, args.offset)
+        except ValueError as e:
+            disk.close()
+            raise StartupError(f"{spec.file}: --offset: {e}") from None
     return Export(
         spec.name, disk, spec.description, multi_conn=args.shared != 1, detect_zeroes=args.detect_zeroes
     )

@@ -111,3 +111,27 @@ def test_snapshot_mode_writes_to_a_throwaway_overlay(tmp_path: Path, oracle_tool
     finally:
         stop(pid)
     assert img.read_bytes() == before
+
+
+def test_offset_like_qemu_nbd(tmp_path: Path, oracle_tools: None) -> None:
+    """-o/--offset: a disk whose first MiB is not exported (a partition table, say)."""
+    img = tmp_path / "disk.raw"
+    sh("qemu-img", "create", "-q", "-f", "raw", str(img), "8M")
+    sh("qemu-io", "-f", "raw", "-c", "write -P 9 0 1M", "-c", "write -P 5 2M 64k", str(img))
+    answers = {}
+    for kind in ("qemu", "ours"):
+        sock, pidfile = tmp_path / f"{kind}.sock", tmp_path / f"{kind}.pid"
+        if kind == "qemu":
+            argv = ["qemu-nbd", "-t", "-r", "-f", "raw", "-o", str(1 << 20)]
+        else:
+            argv = [sys.executable, "-m", "nbdserver", "-r", "-f", "raw", "-o", str(1 << 20)]
+        sh(*argv, "-k", str(sock), "--fork", "--pid-file", str(pidfile), str(img))
+        uri = f"nbd+unix:///?socket={sock}"
+        try:
+            read = sh("qemu-io", "-f", "raw", "-r", "-c", "read -P 5 1M 64k", uri).stdout
+            assert "Pattern verification failed" not in read, (kind, read)
+            answers[kind] = (sh("nbdinfo", "--size", uri).stdout, sh("nbdinfo", "--map", uri).stdout)
+        finally:
+            stop(int(pidfile.read_text()))
+    assert answers["ours"] == answers["qemu"]
+    assert answers["ours"][0].strip() == str(7 << 20)
