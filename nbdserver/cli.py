@@ -114,6 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="accepted for qemu-nbd compatibility: qemu:allocation-depth is always offered",
     )
     p.add_argument(
+        "--discard",
+        choices=("ignore", "unmap"),
+        default="unmap",
+        help="unmap (default): TRIM frees space; ignore (qemu-nbd's default): TRIM does nothing",
+    )
+    p.add_argument(
         "--detect-zeroes",
         choices=("off", "on", "unmap"),
         default="off",
@@ -166,6 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--tls-psk: TLS-PSK needs Python 3.13 or newer (this is {sys.version.split()[0]}); "
             "use --tls-creds with x509 certificates"
         )
+    if args.detect_zeroes == "unmap" and args.discard != "unmap":
+        p.error("--detect-zeroes=unmap needs --discard=unmap")
     if args.offset < 0:
         p.error("--offset must be 0 or more")
     if args.handshake_limit < 0:
@@ -251,7 +259,12 @@ def open_export(spec: ExportSpec, args: argparse.Namespace) -> Export:
             disk.close()
             raise StartupError(f"{spec.file}: --offset: {e}") from None
     return Export(
-        spec.name, disk, spec.description, multi_conn=args.shared != 1, detect_zeroes=args.detect_zeroes
+        spec.name,
+        disk,
+        spec.description,
+        multi_conn=args.shared != 1,
+        detect_zeroes=args.detect_zeroes,
+        unmap=args.discard == "unmap",
     )
 
 

@@ -186,7 +186,7 @@ def do_write_zeroes(export: Export, req: Request, state: Negotiated, payload: me
 
 
 def do_trim(export: Export, req: Request, state: Negotiated, payload: memoryview | None) -> Buffers:
-    if req.length:
+    if req.length and export.unmap:
         export.disk.trim(req.offset, req.length, fua=bool(req.flags & _FUA))
     elif req.flags & _FUA:
         export.disk.flush()

@@ -135,3 +135,24 @@ def test_offset_like_qemu_nbd(tmp_path: Path, oracle_tools: None) -> None:
             stop(int(pidfile.read_text()))
     assert answers["ours"] == answers["qemu"]
     assert answers["ours"][0].strip() == str(7 << 20)
+
+
+@pytest.mark.parametrize("mode", ["ignore", "unmap"])
+def test_discard_like_qemu_nbd(tmp_path: Path, oracle_tools: None, mode: str) -> None:
+    """--discard: the same TRIMs and zero writes through qemu-nbd and us, the same allocation after."""
+    base = tmp_path / "base.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(base), "8M")
+    sh("qemu-io", "-c", "write -P 1 0 6M", str(base))
+    maps = {}
+    for kind in ("qemu", "ours"):
+        img = tmp_path / f"{kind}.qcow2"
+        shutil.copy(base, img)
+        uri, pid = start(kind, img, f"--discard={mode}")
+        try:
+            sh("qemu-io", "-f", "raw", "-c", "discard 0 1M", "-c", "write -z -u 2M 1M",
+               "-c", "write -z 4M 64k", "-c", "flush", uri)  # fmt: skip
+        finally:
+            stop(pid)
+        maps[kind] = json.loads(sh("qemu-img", "map", "--output=json", str(img)).stdout)
+        assert sh("qemu-img", "check", str(img)).returncode == 0
+    assert maps["ours"] == maps["qemu"]
