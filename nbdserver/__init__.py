@@ -13,3 +13,26 @@ Layout, protocol apart from I/O:
   of a non-thread-safe disk are serialised (one worker, inline reads only when idle).
 - ``cli``: the ``qcow2-nbd`` command.
 """
+
+import os as _os
+import sys as _sys
+from importlib.machinery import PathFinder as _PathFinder
+
+
+def _our_driver_first() -> None:
+    """Make ``import qcow2`` find the driver installed beside this package.
+
+    QEMU's iotests (and other tools) put a module named ``qcow2.py`` on
+    PYTHONPATH; without this, the server would import that one and die.
+    """
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    if "qcow2" in _sys.modules:
+        return
+    spec = _PathFinder.find_spec("qcow2", _sys.path)
+    ours = _os.path.join(root, "qcow2", "__init__.py")
+    if spec is None or spec.origin is None or _os.path.abspath(spec.origin) != ours:
+        if _os.path.isfile(ours):
+            _sys.path.insert(0, root)
+
+
+_our_driver_first()

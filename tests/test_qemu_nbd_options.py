@@ -156,3 +156,24 @@ def test_discard_like_qemu_nbd(tmp_path: Path, oracle_tools: None, mode: str) ->
         maps[kind] = json.loads(sh("qemu-img", "map", "--output=json", str(img)).stdout)
         assert sh("qemu-img", "check", str(img)).returncode == 0
     assert maps["ours"] == maps["qemu"]
+
+
+def test_a_foreign_qcow2_module_on_pythonpath(tmp_path: Path, oracle_tools: None) -> None:
+    """QEMU's iotests put their own qcow2.py on PYTHONPATH: the server must still use its driver."""
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "qcow2.py").write_text('raise SystemExit("the foreign qcow2.py was imported")\n')
+    img = tmp_path / "a.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M")
+    sock, pidfile = tmp_path / "s.sock", tmp_path / "s.pid"
+    argv = [sys.executable, "-m", "nbdserver", "-r", "-k", str(sock), "--fork", "--pid-file", str(pidfile)]
+    repo = Path(__file__).resolve().parent.parent  # after the foreign one, as iotests' PYTHONPATH has it
+    env = {**os.environ, "PYTHONPATH": f"{foreign}{os.pathsep}{repo}"}
+    started = subprocess.run(  # not from the repository: the current directory would come first
+        [*argv, str(img)], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path
+    )
+    assert started.returncode == 0, started.stderr
+    try:
+        assert sh("nbdinfo", "--size", f"nbd+unix:///?socket={sock}").stdout.strip() == str(1 << 20)
+    finally:
+        stop(int(pidfile.read_text()))
