@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 from .export import Export
 from .exportspec import ExportSpec, check_exports, parse_export
+from .systemd import inherited_listener, notify
 
 log = logging.getLogger("nbdserver")
 
@@ -426,13 +427,17 @@ def main(argv: list[str] | None = None) -> int:
             log.info("--%s=%s accepted for qemu-nbd compatibility; it changes nothing here", option, value)
     ready_fd = _daemonize() if args.fork else -1
     listener = None
+    activated = False
     exports: dict[str, Export] = {}
     pid_written = False
     try:
         try:
             exports = open_exports(args)
             tls = tls_config(args)
-            listener = listen(args)
+            listener = inherited_listener()  # systemd socket activation
+            activated = listener is not None
+            if listener is None:
+                listener = listen(args)
             if args.pid_file:
                 try:
                     with open(args.pid_file, "w") as f:
@@ -446,11 +451,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"qcow2-nbd: {e}", file=sys.stderr)
             return 1
-        if args.socket:
-            where = args.socket
+        if listener.family == socket.AF_UNIX:
+            where = listener.getsockname() or args.socket or "a Unix socket"
         else:
             host, port = listener.getsockname()[:2]
             where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        if activated:
+            where += " (from systemd)"
         for spec in args.specs:
             log.info(
                 "serving %s (%d bytes) as %r on %s", spec.file, exports[spec.name].size, spec.name, where
@@ -460,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             os.close(ready_fd)
             ready_fd = -1
             _release_caller_stderr()
+        notify(f"READY=1\nMAINPID={os.getpid()}")  # Type=notify services: clients can connect
         keep_buffers_on_the_heap()
         if any(export.disk.can_extents for export in exports.values()):
             threading.Thread(target=_load_map_code, name="nbd-warm-up", daemon=True).start()
@@ -480,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             os.close(ready_fd)
         if listener is not None:
             listener.close()
-            if args.socket:
+            if args.socket and not activated:  # systemd's socket is systemd's to remove
                 with contextlib.suppress(OSError):
                     os.unlink(args.socket)
         for export in exports.values():

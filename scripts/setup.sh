@@ -29,7 +29,9 @@ VENV=${VENV:-$ROOT/.venv}
 #   util-linux      fallocate (test images with punched holes)
 #   ca-certificates pip talks HTTPS to PyPI
 #   openssl         the TLS tests make their CA and certificates with it
-APT_PACKAGES=(qemu-utils libnbd-bin file python3-libnbd python3-venv fio nbdkit util-linux ca-certificates openssl)
+#   systemd         systemd-socket-activate and systemd-analyze for the systemd tests
+APT_PACKAGES=(qemu-utils libnbd-bin file python3-libnbd python3-venv fio nbdkit util-linux ca-certificates openssl
+              systemd)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
