@@ -149,6 +149,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="exit once the last client has gone (qemu-nbd's behaviour without -t)",
     )
+    p.add_argument(
+        "--metrics",
+        metavar="ADDR",
+        help="serve Prometheus metrics over HTTP on HOST:PORT (requests, bytes, errors, latency, clients)",
+    )
     p.add_argument("--pid-file", metavar="PATH", help="write the server's pid here once it listens")
     p.add_argument("--fork", action="store_true", help="run in the background once listening")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeat for debug)")
@@ -269,6 +274,19 @@ def open_export(spec: ExportSpec, args: argparse.Namespace) -> Export:
     )
 
 
+def start_metrics(address: str | None) -> object:
+    """The metrics HTTP server, listening before we report that we do (or None without --metrics)."""
+    if not address:
+        return None
+    from .metrics import PrometheusMetrics, parse_address
+
+    try:
+        host, port = parse_address(address)
+        return PrometheusMetrics(host, port)
+    except (ValueError, OSError) as e:
+        raise StartupError(f"--metrics {address}: {e}") from None
+
+
 def tls_config(args: argparse.Namespace) -> TlsConfig | None:
     """The TLS settings, their certificates loaded once now so that a bad file fails the start."""
     if not args.tls_creds:
@@ -344,6 +362,7 @@ async def serve(
     handshake_limit: float = 10.0,
     tls: TlsConfig | None = None,
     exit_after_last: bool = False,
+    metrics: object = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or the last client gone), then finish the requests in flight."""
     import asyncio
@@ -354,7 +373,9 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = Server(exports, max_clients=max_clients, handshake_limit=handshake_limit, tls=tls)
+    server = Server(
+        exports, max_clients=max_clients, handshake_limit=handshake_limit, tls=tls, metrics=metrics
+    )
     if exit_after_last:
         server.on_last_client_gone = stop.set
     accepting = asyncio.create_task(server.accept_loop(listener))
@@ -434,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             exports = open_exports(args)
             tls = tls_config(args)
+            metrics = start_metrics(args.metrics)
             listener = inherited_listener()  # systemd socket activation
             activated = listener is not None
             if listener is None:
@@ -474,7 +496,11 @@ def main(argv: list[str] | None = None) -> int:
         import asyncio  # only now: see the module's docstring
 
         with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
-            runner.run(serve(exports, listener, args.shared, args.handshake_limit, tls, args.exit_after_last))
+            runner.run(
+                serve(
+                    exports, listener, args.shared, args.handshake_limit, tls, args.exit_after_last, metrics
+                )
+            )
         # Every request has finished: flush and mark the images clean before
         # the pid file goes, so "pid file gone" means "image safe to open".
         closing, exports = exports, {}

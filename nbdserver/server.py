@@ -20,6 +20,7 @@ import mmap
 import os
 import socket
 import ssl
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -30,6 +31,7 @@ from . import commands
 from .constants import Cmd, Err, cmd_name
 from .export import Export
 from .handshake import Handshake, Negotiated, ProtocolError
+from .metrics import Metrics, reply_is_error
 from .requests import Request, check, parse_request
 from .stream import Stream
 from .tls import TlsConfig
@@ -256,6 +258,7 @@ class Connection:
 
     async def _read_requests(self, negotiated: Negotiated) -> None:
         stream = self.stream
+        metrics, export_name = self.server.metrics, negotiated.export.name
         while True:
             if self._stopping and not stream.buffered:
                 return
@@ -288,6 +291,7 @@ class Connection:
                 return
             if error:
                 await self._discard(req.payload_length)
+                metrics.request(export_name, req.cmd, req.length, 0.0, True)
                 log.debug("%s: %s refused: %s", self.peer, cmd_name(req.cmd), message)
                 self.stream.writelines(commands.error_reply(req, negotiated.structured, error, message))
                 await self.stream.drain()
@@ -301,8 +305,12 @@ class Connection:
                 if req.payload_length:
                     payload = payload_buffer(req.payload_length)
                     await stream.readinto(payload)
+                started = time.perf_counter()
                 buffers = commands.run(negotiated.export, req, negotiated, payload, wait=False)
                 if buffers is not None:
+                    if metrics.enabled:
+                        elapsed = time.perf_counter() - started
+                        metrics.request(export_name, req.cmd, req.length, elapsed, reply_is_error(buffers[0]))
                     self.stream.writelines(buffers)
                     await self.stream.drain()
                     continue
@@ -338,6 +346,7 @@ class Connection:
     async def _serve(
         self, negotiated: Negotiated, req: Request, payload: memoryview | None, held: int, held_server: int
     ) -> None:
+        started = time.perf_counter()
         try:
             buffers = await self.server.run_in_worker(
                 commands.run,
@@ -347,6 +356,12 @@ class Connection:
                 payload,
                 lane=self.server.lane(req, negotiated),
             )
+            metrics = self.server.metrics
+            if metrics.enabled:
+                elapsed = time.perf_counter() - started
+                metrics.request(
+                    negotiated.export.name, req.cmd, req.length, elapsed, reply_is_error(buffers[0])
+                )
             if self.stream.is_closing():
                 return
             self.stream.writelines(buffers)  # no await between chunks: the reply goes out whole
@@ -377,8 +392,10 @@ class Server:
         workers: int | None = None,
         handshake_limit: float = HANDSHAKE_LIMIT,
         tls: TlsConfig | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.exports = exports
+        self.metrics = metrics if metrics is not None else Metrics()
         self.tls = tls  # None: no TLS (STARTTLS gets ERR_POLICY); else FORCEDTLS
         self.tls_context = tls.context() if tls is not None else None
         self.handshake_limit = handshake_limit  # seconds; 0: no limit
@@ -473,9 +490,11 @@ class Server:
         log.info("%s: connected", peer)
         conn = Connection(self, stream, peer)
         self.connections.add(conn)
+        self.metrics.clients(+1)
         try:
             await conn.run()
         finally:
+            self.metrics.clients(-1)
             self.connections.discard(conn)
             self._release_slot()
             if not self.connections and self.on_last_client_gone is not None:
