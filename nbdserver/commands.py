@@ -259,7 +259,10 @@ def run(
         if isinstance(e, WouldBlock) and not wait:
             return None  # not in memory: the caller runs it in a worker
         error = error_for(e)
-        log.warning("%s at offset %d, length %d failed: %s", cmd_name(req.cmd), req.offset, req.length, e)
+        who = state.client or f"export {export.name!r}"
+        log.warning(
+            "%s: %s at offset %d, length %d failed: %s", who, cmd_name(req.cmd), req.offset, req.length, e
+        )
         return error_reply(req, state.structured, error, f"{type(e).__name__}: {e}")
     finally:
         if gated:

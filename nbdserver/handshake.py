@@ -50,6 +50,7 @@ class Negotiated:
     structured: bool
     contexts: list[tuple[int, str]]  # (id, name) of the selected meta contexts
     transmission_flags: int  # TFlag bits, kept a plain int for the per-request checks
+    client: str = ""  # who, for log lines (the connection names its peer here)
 
 
 class Step(NamedTuple):

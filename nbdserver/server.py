@@ -140,6 +140,8 @@ class Connection:
                     [n for _, n in negotiated.contexts],
                 )
                 export = negotiated.export
+                # From here on every line about this client names its export too.
+                self.peer = negotiated.client = f"{self.peer}, export {export.name!r}"
                 export.connections += 1
                 try:
                     self._reading = asyncio.create_task(self._read_requests(negotiated))

@@ -91,6 +91,8 @@ def test_write_onto_metadata_marks_the_image_corrupt(tmp_path: Path, recipe: Rec
         assert failure.value.errno == errno.errorcode[errno.EIO], failure.value
         assert h.pread(512, 512 * 1024) == bytes(512), "the connection goes on"
         h.shutdown()
+    failed = [line for line in srv.stderr().splitlines() if "WRITE at offset 0" in line]
+    assert failed and all("client 1" in line and "export ''" in line for line in failed), srv.stderr()
     info = json.loads(qemu("qemu-img", "info", "--output=json", str(img)).stdout)
     assert info["format-specific"]["data"]["corrupt"] is True
     with open(img, "rb") as f:
