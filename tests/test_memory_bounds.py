@@ -33,7 +33,13 @@ def rss_kib(pid: int) -> int:
 
 
 def open_sockets(pid: int) -> int:
-    return sum(1 for fd in Path(f"/proc/{pid}/fd").iterdir() if os.readlink(fd).startswith("socket:"))
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except FileNotFoundError:  # closed while we looked: the server is cleaning up
+            pass
+    return count
 
 
 class Served:
