@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from qcow2.create.options import split_option_list
+
 _BOOL = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
 KEYS = ("name", "file", "readonly", "description", "format")
 
@@ -23,28 +25,10 @@ class ExportSpec:
     fmt: str | None = None
 
 
-def _split(text: str) -> list[str]:
-    """Split on single commas; ``,,`` stands for a comma inside a value."""
-    parts, current, i = [], [], 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1 : i + 2] == ",":
-                current.append(",")
-                i += 2
-                continue
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(text[i])
-        i += 1
-    parts.append("".join(current))
-    return parts
-
-
 def parse_export(text: str, read_only_default: bool = False) -> ExportSpec:
     """One ``--export`` value; ValueError names what is wrong."""
     fields: dict[str, str] = {}
-    for part in _split(text):
+    for part in split_option_list(text):
         key, sep, value = part.partition("=")
         if not sep:
             raise ValueError(f"{part!r} is not key=value (keys: {', '.join(KEYS)})")

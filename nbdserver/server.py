@@ -307,7 +307,7 @@ class Connection:
                 if req.payload_length:
                     payload = payload_buffer(req.payload_length)
                     await stream.readinto(payload)
-                started = time.perf_counter()
+                started = time.perf_counter() if metrics.enabled else 0.0
                 buffers = commands.run(negotiated.export, req, negotiated, payload, wait=False)
                 if buffers is not None:
                     if metrics.enabled:
@@ -348,7 +348,7 @@ class Connection:
     async def _serve(
         self, negotiated: Negotiated, req: Request, payload: memoryview | None, held: int, held_server: int
     ) -> None:
-        started = time.perf_counter()
+        started = time.perf_counter() if self.server.metrics.enabled else 0.0
         try:
             buffers = await self.server.run_in_worker(
                 commands.run,

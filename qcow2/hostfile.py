@@ -44,6 +44,9 @@ _PERM_NAMES = ((PERM_READ, "consistent read"), (PERM_WRITE, "write"),
 _FLOCK = struct.Struct("@hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid
 
 
+_OTHER = "another process (QEMU, or another server) has the image open"
+
+
 class LockConflict(OSError):
     """Another process holds a permission lock we need (or uses what we would deny)."""
 
@@ -115,20 +118,15 @@ class HostFile:
                     self._set_lock(LOCK_SHARED_BASE + bit.bit_length() - 1, fcntl.F_RDLCK)
             for bit, name in _PERM_NAMES:
                 index = bit.bit_length() - 1
+                # A permission we take clashes with a "shared" byte of theirs, and a permission we
+                # deny with their use of it: QEMU's raw_check_lock_bytes.
                 if hold & bit and self._locked_by_other(LOCK_SHARED_BASE + index):
-                    raise LockConflict(
-                        errno.EAGAIN,
-                        f'Failed to get "{name}" lock: another process (QEMU, or another server) '
-                        f"has the image open and does not allow {name} access",
-                        self.filename,
-                    )
-                if deny & bit and self._locked_by_other(LOCK_PERM_BASE + index):
-                    raise LockConflict(
-                        errno.EAGAIN,
-                        f'Failed to get shared "{name}" lock: another process (QEMU, or another '
-                        f"server) has the image open for {name} access",
-                        self.filename,
-                    )
+                    why = f'"{name}" lock: {_OTHER} and does not allow {name} access'
+                elif deny & bit and self._locked_by_other(LOCK_PERM_BASE + index):
+                    why = f'shared "{name}" lock: {_OTHER} for {name} access'
+                else:
+                    continue
+                raise LockConflict(errno.EAGAIN, f"Failed to get {why}", self.filename)
         except BaseException:
             self.unlock()
             raise

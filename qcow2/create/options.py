@@ -185,8 +185,8 @@ def parse_size(text: str) -> int | None:
         return None
 
 
-def parse_option_string(text: str) -> list[tuple[str, str]]:
-    """``-o a=1,b=2``; a doubled comma is a literal comma, as in QEMU's option parser."""
+def split_option_list(text: str) -> list[str]:
+    """``a=1,b=2`` split on single commas; a doubled comma is a literal comma (QEMU's syntax)."""
     items, cur, i = [], [], 0
     while i < len(text):
         if text[i] == ",":
@@ -200,8 +200,13 @@ def parse_option_string(text: str) -> list[tuple[str, str]]:
             cur.append(text[i])
         i += 1
     items.append("".join(cur))
+    return items
+
+
+def parse_option_string(text: str) -> list[tuple[str, str]]:
+    """``-o a=1,b=2``, as in QEMU's option parser."""
     out = []
-    for item in items:
+    for item in split_option_list(text):
         if not item:
             continue
         key, eq, value = item.partition("=")
