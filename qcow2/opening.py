@@ -198,6 +198,8 @@ def open_qcow2(
         if writable and header.corrupt:
             raise ImageError(f"{filename}: image is corrupt; cannot be opened read/write")
         meta = ImageMetadata(filename, file, header)
+        if meta.bitmaps.error:
+            raise ImageError(f"{filename}: {meta.bitmaps.error}")
         data_file = _open_data_file(filename, header, writable, opener)
         meta.data_file = data_file
         backing = _open_backing(filename, header, depth, opener)

@@ -15,7 +15,12 @@ import struct
 from collections.abc import Callable
 
 from ..format import layout as L
-from ..format.bitmaps import BitmapDirectoryError, decode_bitmap_table, walk_bitmap_directory
+from ..format.bitmaps import (
+    BitmapDirectoryError,
+    decode_bitmap_table,
+    load_bitmap_directory,
+    table_entry_valid,
+)
 from ..format.l2 import COMPRESSED, NORMAL, UNALLOCATED_PLAIN, ZERO_ALLOCATED, L2Table
 from ..format.snapshots import Snapshot
 from ..hostfile import HostFile
@@ -272,17 +277,15 @@ class ReferenceCounter:
         raw = self.file.pread(dir_offset, dir_size)
         cs = self.cs
         try:
-            entries = list(walk_bitmap_directory(raw, h.bitmaps["nb_bitmaps"]))
-            if any(e.problem(cs, h.size) for e in entries):  # QEMU's bitmap_list_load fails whole
-                raise BitmapDirectoryError("invalid bitmap directory entry")
+            entries = load_bitmap_directory(raw, h.bitmaps["nb_bitmaps"], cs, h.size)
             for entry in entries:
                 table_offset, table_size = entry.table_offset, entry.table_size
                 self._inc(res, table_offset, table_size * 8)
                 for value in decode_bitmap_table(self.file.pread(table_offset, table_size * 8)):
-                    offset = value & L.BME_OFFSET_MASK
-                    if value & L.BME_RESERVED_MASK or (offset and (value & L.BME_ALL_ONES or offset % cs)):
+                    if not table_entry_valid(value, cs):
                         res.corruptions += 1
                         continue
+                    offset = value & L.BME_OFFSET_MASK
                     if offset:
                         self._inc(res, offset, cs)
         except BitmapDirectoryError:

@@ -51,6 +51,7 @@ class Header:
     data_file: str | None = None
     feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
     bitmaps: dict | None = None
+    bitmaps_extension_offset: int = 0  # where the bitmaps extension's data starts
     crypto: dict | None = None
     unknown_extensions: list[tuple[int, bytes]] = field(default_factory=list)
     extension_offsets: list[int] = field(default_factory=list)  # each extension header, END included
@@ -206,6 +207,7 @@ def _parse_extensions(h: Header, cluster0: bytes, where: str) -> None:
                 raise ImageError(where + "bitmaps_ext: Invalid extension length")
             b = L.BitmapsExtension.parse(data)
             h.bitmaps = {k: v for k, v in b.items() if k != "_io"}
+            h.bitmaps_extension_offset = data_start
             if h.autoclear_features & L.AUTOCLEAR_BITMAPS:
                 _check_bitmaps_extension(h, where)
         elif ext.type == L.EXT_CRYPTO:

@@ -31,12 +31,12 @@ import struct
 
 from ..errors import CorruptImageError
 from ..format import layout as L
-from ..format.bitmaps import BitmapEntry, decode_bitmap_table, walk_bitmap_directory
 from ..format.header import Header
 from ..format.l2 import COMPRESSED, NORMAL, ZERO_ALLOCATED, L2Layout, L2Table
 from ..format.snapshots import Snapshot, SnapshotTableError, walk_snapshot_table
 from ..hostfile import HostFile
 from . import overlap as O
+from .bitmaps import PersistentBitmaps
 from .cache import TableCache
 from .refcounts import Refcounts
 
@@ -45,9 +45,6 @@ log = logging.getLogger("qcow2")
 L2_CACHE_BYTES = 32 << 20  # clean L2 tables kept decoded
 DIRTY_L2_BYTES = 32 << 20  # write back before more table bytes than this are pending
 MAX_PENDING_FREES = 1 << 16
-MAX_FIDELITY_READ = 64 << 20  # bytes of snapshot/bitmap metadata read at open (QEMU's table limit)
-MAX_BITMAP_DIRECTORY = 64 << 20
-MAX_BITMAP_TABLE = 1 << 16  # entries
 _IGNORE_L1 = frozenset({O.ACTIVE_L1})
 _IGNORE_L2 = frozenset({O.ACTIVE_L2})
 
@@ -77,7 +74,8 @@ class ImageMetadata:
         if h.backing_file_offset:
             file.pread(h.backing_file_offset, h.backing_file_size)
         self.snapshots, self.snapshot_table_size = self._read_snapshots()
-        self.bitmaps = self._read_bitmaps()
+        self.bitmaps = PersistentBitmaps(self)
+        self.bitmaps.load()
         self.l2_tables: TableCache[L2Table] = TableCache(
             max(16, L2_CACHE_BYTES >> h.cluster_bits), self._load_l2
         )
@@ -125,29 +123,6 @@ class ImageMetadata:
             raise CorruptImageError(f"{self.filename}: {e}") from None
         return snapshots, size
 
-    def _read_bitmaps(self) -> list[BitmapEntry]:
-        """The bitmap directory and tables, read as QEMU loads persistent bitmaps at open."""
-        h = self.header
-        if not h.bitmaps or not h.autoclear_features & L.AUTOCLEAR_BITMAPS:
-            return []
-        size = h.bitmaps["bitmap_directory_size"]
-        if not 0 < size <= MAX_BITMAP_DIRECTORY:
-            return []
-        directory = self.file.pread(h.bitmaps["bitmap_directory_offset"], size)
-        entries = []
-        budget = 0
-        for entry in walk_bitmap_directory(directory):
-            if budget > MAX_FIDELITY_READ:
-                break
-            entries.append(entry)
-            if entry.table_offset and entry.table_size <= MAX_BITMAP_TABLE:
-                table = decode_bitmap_table(self.file.pread(entry.table_offset, entry.table_size * 8))
-                for value in table:
-                    if value & L.BME_OFFSET_MASK and budget <= MAX_FIDELITY_READ:
-                        self.file.pread(value & L.BME_OFFSET_MASK, self.cluster_size)
-                        budget += self.cluster_size
-        return entries
-
     def _load_l2(self, offset: int) -> L2Table:
         if offset & (self.cluster_size - 1):
             raise CorruptImageError(f"{self.filename}: L2 table offset {offset:#x} unaligned")
@@ -182,15 +157,38 @@ class ImageMetadata:
         self.set_header(refcount_table_offset=offset, refcount_table_clusters=clusters)
         self._map_version = -1
 
-    def clear_unmaintained_autoclear(self) -> None:
-        """Before the first write: autoclear bits we do not maintain (bitmaps) must go."""
+    def start_writing(self) -> None:
+        """Before the first write (QEMU's read-write open): autoclear bits we do not know go,
+        and the persistent bitmaps are marked in use."""
         h = self.header
         if h.version < 3:
             return
-        keep = h.autoclear_features & L.AUTOCLEAR_DATA_FILE_RAW
+        keep = h.autoclear_features & (L.AUTOCLEAR_DATA_FILE_RAW | L.AUTOCLEAR_BITMAPS)
         if keep != h.autoclear_features:
             self.set_header(autoclear_features=keep)
             self._map = None
+        self.bitmaps.start_writing()
+
+    def set_bitmaps_extension(self, nb_bitmaps: int, directory_size: int, directory_offset: int) -> None:
+        """Point the bitmaps header extension at a new directory (synced)."""
+        h = self.header
+        data = L.BitmapsExtension.build(
+            {
+                "nb_bitmaps": nb_bitmaps,
+                "reserved": 0,
+                "bitmap_directory_size": directory_size,
+                "bitmap_directory_offset": directory_offset,
+            }
+        )
+        self.file.write(h.bitmaps_extension_offset, data)
+        self.file.flush()
+        h.bitmaps["nb_bitmaps"] = nb_bitmaps
+        h.bitmaps["bitmap_directory_size"] = directory_size
+        h.bitmaps["bitmap_directory_offset"] = directory_offset
+
+    def bitmaps_moved(self) -> None:
+        """The bitmap directory or tables moved: the overlap map is built again."""
+        self._map = None
 
     def begin_update(self) -> None:
         """Before a change: refuse if corrupt; mark a v3 image dirty while changes are pending.
@@ -248,7 +246,10 @@ class ImageMetadata:
                     O.BITMAP_DIRECTORY,
                     [(h.bitmaps["bitmap_directory_offset"], h.bitmaps["bitmap_directory_size"])],
                 )
-                m.set_regions(O.BITMAP_TABLE, [(b.table_offset, b.table_size * 8) for b in self.bitmaps])
+                m.set_regions(
+                    O.BITMAP_TABLE,
+                    [(b.entry.table_offset, b.entry.table_size * 8) for b in self.bitmaps.bitmaps],
+                )
             self._map_version = -1
         if self._map_version != self.refcounts.version:
             refs = self.refcounts
@@ -425,9 +426,11 @@ class ImageMetadata:
             refcounts.write_dirty()
 
     def close(self) -> None:
-        """Write everything back, then clear the dirty bit: the image is clean again."""
+        """Store the bitmaps, write everything back, then clear the dirty bit: the image is clean."""
         if self.corrupt:
             return
+        self.write_back()
+        self.bitmaps.store()
         self.write_back()
         if self.dirty_marked:
             self.refcounts.write_dirty()

@@ -25,7 +25,7 @@ class Qcow2Writer:
         self.image = image
         self.meta = meta = image.meta
         meta.data_file = image.data_file
-        meta.clear_unmaintained_autoclear()
+        meta.start_writing()
         core = L2Update(image, meta)
         self._data = DataWrites(core)
         self._discard = Discard(core)
@@ -34,18 +34,22 @@ class Qcow2Writer:
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         self.meta.begin_update()
+        self.meta.bitmaps.mark(offset, len(data))
         self._data.write(offset, data)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False, fast: bool = False) -> None:
         self.meta.begin_update()
+        self.meta.bitmaps.mark(offset, length)
         self._zero.write_zeroes(offset, length, may_unmap, fast)
 
     def trim(self, offset: int, length: int) -> None:
         self.meta.begin_update()
+        self.meta.bitmaps.mark(offset, length)
         self._discard.trim(offset, length)
 
     def resize(self, size: int) -> None:
         self.meta.begin_update()
+        self.meta.bitmaps.resize(size)
         self._resize.resize(size)
 
     def flush(self) -> None:
