@@ -38,7 +38,6 @@ class BitmapEntry:
     granularity_bits: int
     name: bytes
     type: int = BT_DIRTY_TRACKING_BITMAP
-    extra_data_size: int = 0
 
     @property
     def in_use(self) -> bool:

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..format import layout as L
 from ..format.bitmaps import (
@@ -34,13 +33,29 @@ from ..format.bitmaps import (
     load_bitmap_directory,
     table_entry_valid,
 )
+from ..format.header import Header
+from ..hostfile import HostFile
+from .refcounts import Refcounts
 
-if TYPE_CHECKING:
-    from .owner import ImageMetadata
+
+class BitmapOwner(Protocol):
+    """What the bitmaps need of the image's metadata owner (which holds them)."""
+
+    file: HostFile
+    header: Header
+    refcounts: Refcounts
+    cluster_size: int
+    cluster_bits: int
+    corrupt: bool
+
+    def set_header(self, **fields: int) -> None: ...
+    def check_write(self, offset: int, length: int) -> None: ...
+    def set_bitmaps_extension(self, nb_bitmaps: int, directory_size: int, directory_offset: int) -> None: ...
+    def bitmaps_moved(self) -> None: ...
+
 
 MAX_BITMAP_MEMORY = 1 << 30  # bytes of bits held for one image, all bitmaps together
 _NOT_CLEAR = re.compile(rb"[^\x00]")
-_NOT_SET = re.compile(rb"[^\xff]")
 
 
 def set_bits(bits: bytearray, first: int, end: int) -> None:
@@ -55,21 +70,6 @@ def set_bits(bits: bytearray, first: int, end: int) -> None:
     if b1 > b0 + 1:
         bits[b0 + 1 : b1] = b"\xff" * (b1 - b0 - 1)
     bits[b1] |= (1 << (((end - 1) & 7) + 1)) - 1
-
-
-def next_change(bits: bytes | bytearray, i: int, n: int, state: int) -> int:
-    """The first bit from ``i`` (below ``n``) whose value is not ``state``; ``n`` if none."""
-    while i < n and i & 7:
-        if (bits[i >> 3] >> (i & 7)) & 1 != state:
-            return i
-        i += 1
-    if i >= n:
-        return n
-    m = (_NOT_SET if state else _NOT_CLEAR).search(bits, i >> 3, (n + 7) >> 3)
-    if m is None:
-        return n
-    diff = bits[m.start()] ^ (0xFF if state else 0)
-    return min(n, (m.start() << 3) + (diff & -diff).bit_length() - 1)
 
 
 class DirtyBitmap:
@@ -88,10 +88,6 @@ class DirtyBitmap:
         return self.entry.name.decode("utf-8", "replace")
 
     @property
-    def granularity(self) -> int:
-        return 1 << self.entry.granularity_bits
-
-    @property
     def inconsistent(self) -> bool:
         return self.bits is None
 
@@ -105,33 +101,11 @@ class DirtyBitmap:
             g = self.entry.granularity_bits
             set_bits(self.bits, offset >> g, ((offset + length - 1) >> g) + 1)
 
-    def runs(self, offset: int, length: int) -> Iterator[tuple[int, bool]]:
-        """``(length, dirty)`` runs covering exactly ``offset .. offset+length``, alternating."""
-        bits = self.bits
-        if bits is None:
-            raise ValueError(f"bitmap '{self.name}' is inconsistent")
-        g = self.entry.granularity_bits
-        end = offset + length
-        i, n = offset >> g, ((end - 1) >> g) + 1 if length > 0 else offset >> g
-        pos = offset
-        while pos < end:
-            state = (bits[i >> 3] >> (i & 7)) & 1
-            i = next_change(bits, i, n, state)
-            stop = min(end, i << g)
-            yield stop - pos, bool(state)
-            pos = stop
-
-    def dirty_bytes(self) -> int:
-        """Guest bytes covered by set bits (the last granule counted whole)."""
-        if self.bits is None:
-            return 0
-        return sum(bin(b).count("1") for b in self.bits) << self.entry.granularity_bits
-
 
 class PersistentBitmaps:
     """The persistent bitmaps of one image; the image's metadata owner holds it and stores it."""
 
-    def __init__(self, meta: ImageMetadata) -> None:
+    def __init__(self, meta: BitmapOwner) -> None:
         self.meta = meta
         self.bitmaps: list[DirtyBitmap] = []
         self.error: str | None = None  # why QEMU would refuse to open the image, if it would
@@ -193,12 +167,6 @@ class PersistentBitmaps:
         bits[-(-granules // 8) :] = bytes(len(bits) - -(-granules // 8))
         return bits
 
-    def find(self, name: str) -> DirtyBitmap | None:
-        for b in self.bitmaps:
-            if b.name == name:
-                return b
-        return None
-
     # -- writing ----------------------------------------------------------------------
 
     def start_writing(self) -> None:
@@ -257,8 +225,8 @@ class PersistentBitmaps:
         cs, cbits = meta.cluster_size, meta.cluster_bits
         refs = meta.refcounts
         drop: list[tuple[int, int, tuple[int, ...]]] = []  # old (table offset, entries, table)
+        size = meta.header.size
         for b in stored:
-            size = meta.header.size
             tb_size = bitmap_table_size(size, b.entry.granularity_bits, cs)
             table = [0] * tb_size
             bits = b.bits

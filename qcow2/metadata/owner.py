@@ -429,7 +429,6 @@ class ImageMetadata:
         """Store the bitmaps, write everything back, then clear the dirty bit: the image is clean."""
         if self.corrupt:
             return
-        self.write_back()
         self.bitmaps.store()
         self.write_back()
         if self.dirty_marked:
