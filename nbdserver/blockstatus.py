@@ -13,11 +13,12 @@ from itertools import islice
 
 import numpy as np
 
-from qcow2.contract import EXTENT_DATA, EXTENT_ZERO, Extent, ExtentMap
+from qcow2.contract import EXTENT_DATA, EXTENT_ZERO, DirtyMap, Extent, ExtentMap
 
 from .constants import CTX_ALLOCATION_DEPTH, CTX_BASE_ALLOCATION, MAX_EXTENTS, STATE_HOLE, STATE_ZERO
 
-StatusOf = Callable[[ExtentMap], np.ndarray]  # an extent map -> the status of each extent
+Map = ExtentMap | DirtyMap  # a disk's extents, or a bitmap's runs
+StatusOf = Callable[[Map], np.ndarray]  # a map -> the status of each of its runs
 
 
 def base_allocation(m: ExtentMap) -> np.ndarray:
@@ -29,7 +30,12 @@ def allocation_depth(m: ExtentMap) -> np.ndarray:
     return m.depth
 
 
-# Context name -> how the extents of a map read in that context.
+def dirty_status(m: DirtyMap) -> np.ndarray:
+    """qemu:dirty-bitmap:NAME, from a bitmap's own maps: NBD_STATE_DIRTY (1) where dirty."""
+    return m.dirty
+
+
+# Allocation context name -> how the extents of a disk's map read in that context.
 STATUS_OF: dict[str, StatusOf] = {
     CTX_BASE_ALLOCATION: base_allocation,
     CTX_ALLOCATION_DEPTH: allocation_depth,
@@ -63,8 +69,8 @@ class BlockStatusReply:
         self.done = 0  # bytes described
         self.complete = not mappers or length <= 0
 
-    def take_map(self, m: ExtentMap) -> None:
-        """Take the extents of one map (in order, from where the reply ended)."""
+    def take_map(self, m: Map) -> None:
+        """Take the runs of one map (in order, from where the reply ended)."""
         if self.complete:
             return
         lengths = m.bounds[1:] - m.bounds[:-1]

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .tls import TlsConfig
 
 from .export import Export
-from .exportspec import ExportSpec, check_exports, parse_export
+from .exportspec import ExportSpec, check_bitmap_name, check_exports, parse_export, unique
 from .systemd import inherited_listener, notify
 
 log = logging.getLogger("nbdserver")
@@ -56,6 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-D", "--description", default="", metavar="TEXT", help="export description")
     p.add_argument("-r", "--read-only", action="store_true", help="export read-only (default: read-write)")
     p.add_argument("-f", "--format", choices=("qcow2", "raw"), help="image format (default: probe)")
+    p.add_argument(
+        "-B",
+        "--bitmap",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="export this persistent dirty bitmap as qemu:dirty-bitmap:NAME (repeatable)",
+    )
     p.add_argument(
         "-U",
         "--force-share",
@@ -162,8 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="SPEC",
-        help="another export: name=NAME,file=PATH[,readonly=on|off][,description=TEXT][,format=F] "
-        "(repeatable; readonly defaults to -r)",
+        help="another export: name=NAME,file=PATH[,readonly=on|off][,description=TEXT][,format=F]"
+        "[,bitmap=B]... (repeatable; readonly defaults to -r)",
     )
     p.add_argument("image", nargs="?", help="image file to export (as -x NAME)")
     args = p.parse_args(argv)
@@ -186,7 +194,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--handshake-limit must be 0 or more")
     specs = []
     if args.image is not None:
-        specs.append(ExportSpec(args.export_name, args.image, args.read_only, args.description, args.format))
+        try:
+            # qemu-nbd lists its -B bitmaps last first (it prepends each to its list): so do we.
+            bitmaps = unique([check_bitmap_name(name) for name in reversed(args.bitmap)])
+        except ValueError as e:
+            p.error(f"-B: {e}")
+        specs.append(
+            ExportSpec(args.export_name, args.image, args.read_only, args.description, args.format, bitmaps)
+        )
+    elif args.bitmap:
+        p.error("-B names a bitmap of IMAGE; with --export, use bitmap=NAME")
     for text in args.export:
         try:
             specs.append(parse_export(text, read_only_default=args.read_only))
@@ -205,6 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 option,
                 getattr(args, option),
             )
+    if args.offset and any(spec.bitmaps for spec in specs):
+        p.error("--offset cannot be combined with exported bitmaps")
     if args.force_share and not all(spec.read_only for spec in specs):
         p.error("--force-share needs read-only exports (-r, or readonly=on)")
     args.specs = specs
@@ -264,6 +283,11 @@ def open_export(spec: ExportSpec, args: argparse.Namespace) -> Export:
         except ValueError as e:
             disk.close()
             raise StartupError(f"{spec.file}: --offset: {e}") from None
+    try:
+        bitmaps = [disk.bitmap(name) for name in spec.bitmaps]
+    except qcow2.BitmapError as e:
+        disk.close()
+        raise StartupError(f"{spec.file}: {e}") from None
     return Export(
         spec.name,
         disk,
@@ -271,6 +295,7 @@ def open_export(spec: ExportSpec, args: argparse.Namespace) -> Export:
         multi_conn=args.shared != 1,
         detect_zeroes=args.detect_zeroes,
         unmap=args.discard == "unmap",
+        bitmaps=bitmaps,
     )
 
 

@@ -107,16 +107,48 @@ def do_read(export: Export, req: Request, state: Negotiated, payload: memoryview
 def do_block_status(export: Export, req: Request, state: Negotiated, payload: memoryview | None) -> Buffers:
     """Extents one map window at a time, each window one turn at the gate.
 
-    At most MAX_EXTENTS descriptors per context (qemu-nbd's cap): a client
-    asks again from where the reply ended.  Between windows, requests that
-    were waiting (writes) get their turn; what the reply describes may then
-    mix the states before and after them, as for any overlapping requests.
+    The allocation contexts share the disk's extent maps; each dirty bitmap
+    has maps of its own.  At most MAX_EXTENTS descriptors per context
+    (qemu-nbd's cap): a client asks again from where the reply ended.
+    Between windows, requests that were waiting (writes) get their turn;
+    what the reply describes may then mix the states before and after them,
+    as for any overlapping requests.
     """
-    from .blockstatus import STATUS_OF, BlockStatusReply  # numpy: loaded with the first map
+    from .blockstatus import STATUS_OF, dirty_status  # numpy: loaded with the first map
 
-    mappers = [STATUS_OF[name] for _, name in state.contexts]
-    reply = BlockStatusReply(req.length, mappers, req_one=bool(req.flags & _REQ_ONE), limit=MAX_EXTENTS)
-    disk, gate = export.disk, export.gate
+    names = [name for _, name in state.contexts]
+    req_one = bool(req.flags & _REQ_ONE)
+    # (maps of a range, context indices, status per context)
+    sources: list[tuple[Callable, list[int], list]] = []
+    allocation = [i for i, name in enumerate(names) if name in STATUS_OF]
+    if allocation:
+        sources.append((export.disk.extent_map, allocation, [STATUS_OF[names[i]] for i in allocation]))
+    for i, name in enumerate(names):
+        if name in export.dirty_bitmaps:
+            sources.append((export.dirty_bitmaps[name].dirty_map, [i], [dirty_status]))
+    replies: list = [None] * len(names)
+    for maps, indices, mappers in sources:
+        reply = _describe(export, req, maps, mappers, req_one)
+        if reply.done <= 0:
+            return error_reply(req, True, Err.EIO, "the disk returned no extents")
+        for k, i in enumerate(indices):
+            replies[i] = reply.arrays(k)
+    last = len(state.contexts) - 1
+    chunks: Buffers = []
+    for i, (context_id, _) in enumerate(state.contexts):
+        lengths, statuses = replies[i]
+        chunks.append(
+            wire.block_status_chunk_arrays(req.cookie, context_id, lengths, statuses, done=i == last)
+        )
+    return chunks
+
+
+def _describe(export: Export, req: Request, maps: Callable, mappers: list, req_one: bool):
+    """One source's maps of the request's range, window by window, into a reply."""
+    from .blockstatus import BlockStatusReply
+
+    reply = BlockStatusReply(req.length, mappers, req_one=req_one, limit=MAX_EXTENTS)
+    gate = export.gate
     start, end = req.offset, req.offset + req.length
     while not reply.complete:
         pos = start + reply.done
@@ -124,22 +156,13 @@ def do_block_status(export: Export, req: Request, state: Negotiated, payload: me
             break
         with _WINDOW_TURN:
             with gate.entered(Access.READ):
-                window = disk.extent_map(pos, end - pos)
+                window = maps(pos, end - pos)
             reply.take_map(window)
             if not reply.complete and export.contended():
                 time.sleep(YIELD_SECONDS)
         if window.end <= pos:
             break
-    if reply.done <= 0:
-        return error_reply(req, True, Err.EIO, "the disk returned no extents")
-    last = len(state.contexts) - 1
-    chunks: Buffers = []
-    for i, (context_id, _) in enumerate(state.contexts):
-        lengths, statuses = reply.arrays(i)
-        chunks.append(
-            wire.block_status_chunk_arrays(req.cookie, context_id, lengths, statuses, done=i == last)
-        )
-    return chunks
+    return reply
 
 
 @functools.cache

@@ -168,3 +168,4 @@ STATE_ZERO = 1 << 1
 
 CTX_BASE_ALLOCATION = "base:allocation"
 CTX_ALLOCATION_DEPTH = "qemu:allocation-depth"
+CTX_DIRTY_BITMAP = "qemu:dirty-bitmap:"  # + the bitmap's name: one context per exported bitmap

@@ -11,33 +11,38 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from qcow2.contract import Disk
+from qcow2.contract import Bitmap, Disk
 
-from .constants import CTX_ALLOCATION_DEPTH, CTX_BASE_ALLOCATION, TFlag
+from .constants import CTX_ALLOCATION_DEPTH, CTX_BASE_ALLOCATION, CTX_DIRTY_BITMAP, TFlag
 from .gate import RequestGate
 
-# The metadata contexts offered (how extents read in each: nbdserver.blockstatus).
+# The metadata contexts every export offers (how extents read in each: nbdserver.blockstatus);
+# an export with bitmaps adds one CTX_DIRTY_BITMAP + name context per bitmap.
 CONTEXTS: tuple[str, ...] = (CTX_BASE_ALLOCATION, CTX_ALLOCATION_DEPTH)
 
 
-def list_contexts(queries: Sequence[str]) -> list[str]:
-    """Contexts matching LIST_META_CONTEXT queries; ``ns:`` is a namespace wildcard.
+def list_contexts(offered: Sequence[str], queries: Sequence[str]) -> list[str]:
+    """Contexts matching LIST_META_CONTEXT queries, as qemu-nbd matches them.
 
-    No queries means every context.  Unknown namespaces and leaves match nothing.
+    No queries means every context; ``ns:`` is a namespace wildcard, and
+    ``qemu:dirty-bitmap:`` one for every bitmap.  Anything else matches only
+    its exact name.
     """
     if not queries:
-        return list(CONTEXTS)
+        return list(offered)
     found: list[str] = []
-    for name in CONTEXTS:
-        namespace = name.split(":", 1)[0] + ":"
-        if any(q == name or q == namespace for q in queries):
+    for name in offered:
+        wildcards = {name, name.split(":", 1)[0] + ":"}
+        if name.startswith(CTX_DIRTY_BITMAP):
+            wildcards.add(CTX_DIRTY_BITMAP)
+        if any(q in wildcards for q in queries):
             found.append(name)
     return found
 
 
-def select_contexts(queries: Sequence[str]) -> list[str]:
+def select_contexts(offered: Sequence[str], queries: Sequence[str]) -> list[str]:
     """Contexts SET_META_CONTEXT selects: exact names only (wildcards select nothing)."""
-    return [name for name in CONTEXTS if name in queries]
+    return [name for name in offered if name in queries]
 
 
 @dataclass
@@ -50,6 +55,8 @@ class Export:
     zeros becomes a zero write) or "unmap" (an unmapping one).
     ``unmap``: qemu-nbd's ``--discard=unmap``; False (``ignore``) makes TRIM a
     no-op (zero writes still unmap when the client allows it: qemu-nbd 7.2's behaviour, measured).
+    ``bitmaps``: the disk's dirty bitmaps exported as ``qemu:dirty-bitmap:NAME``
+    contexts (qemu-nbd ``-B``), in the order given.
     """
 
     name: str
@@ -58,7 +65,10 @@ class Export:
     multi_conn: bool = True
     detect_zeroes: str = "off"
     unmap: bool = True
+    bitmaps: Sequence[Bitmap] = ()
     gate: RequestGate = field(init=False, repr=False)
+    contexts: tuple[str, ...] = field(init=False)  # the metadata contexts offered
+    dirty_bitmaps: dict[str, Bitmap] = field(init=False, repr=False)  # context name -> bitmap
     # Kept by the event loop, read by workers: is anyone else using this export right now?
     connections: int = field(default=0, init=False)  # clients in the transmission phase
     in_workers: int = field(default=0, init=False)  # requests handed to worker threads, not answered
@@ -72,6 +82,8 @@ class Export:
 
     def __post_init__(self) -> None:
         self.gate = RequestGate(self.disk.thread_model)
+        self.dirty_bitmaps = {CTX_DIRTY_BITMAP + b.name: b for b in self.bitmaps}
+        self.contexts = CONTEXTS + tuple(self.dirty_bitmaps)
 
     @property
     def size(self) -> int:

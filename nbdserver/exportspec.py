@@ -1,7 +1,8 @@
 """``--export`` option values: which files a server exports, under which names.
 
-``name=NAME,file=PATH[,readonly=on|off][,description=TEXT][,format=qcow2|raw]``,
-QEMU's key=value syntax (a doubled comma is a literal comma).  Pure: parsing
+``name=NAME,file=PATH[,readonly=on|off][,description=TEXT][,format=qcow2|raw][,bitmap=B]...``,
+QEMU's key=value syntax (a doubled comma is a literal comma); ``bitmap`` may
+repeat, one ``qemu:dirty-bitmap:B`` context each.  Pure: parsing
 and the rules a set of exports must follow, tested without files or sockets.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from qcow2.create.options import split_option_list
 
 _BOOL = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
-KEYS = ("name", "file", "readonly", "description", "format")
+KEYS = ("name", "file", "readonly", "description", "format", "bitmap")
 
 
 @dataclass(frozen=True)
@@ -23,17 +24,22 @@ class ExportSpec:
     read_only: bool = False
     description: str = ""
     fmt: str | None = None
+    bitmaps: tuple[str, ...] = ()  # exported as qemu:dirty-bitmap:NAME, in this order
 
 
 def parse_export(text: str, read_only_default: bool = False) -> ExportSpec:
     """One ``--export`` value; ValueError names what is wrong."""
     fields: dict[str, str] = {}
+    bitmaps: list[str] = []
     for part in split_option_list(text):
         key, sep, value = part.partition("=")
         if not sep:
             raise ValueError(f"{part!r} is not key=value (keys: {', '.join(KEYS)})")
         if key not in KEYS:
             raise ValueError(f"unknown key {key!r} (keys: {', '.join(KEYS)})")
+        if key == "bitmap":
+            bitmaps.append(check_bitmap_name(value))
+            continue
         if key in fields:
             raise ValueError(f"{key} given twice")
         fields[key] = value
@@ -47,7 +53,21 @@ def parse_export(text: str, read_only_default: bool = False) -> ExportSpec:
     fmt = fields.get("format") or None
     if fmt not in (None, "qcow2", "raw"):
         raise ValueError(f"format={fmt}: qcow2 or raw")
-    return ExportSpec(fields.get("name", ""), fields["file"], read_only, fields.get("description", ""), fmt)
+    description = fields.get("description", "")
+    return ExportSpec(fields.get("name", ""), fields["file"], read_only, description, fmt, unique(bitmaps))
+
+
+def check_bitmap_name(name: str) -> str:
+    """A name a qcow2 bitmap can have (1 to 1023 bytes of UTF-8)."""
+    if not name or len(name.encode("utf-8")) > 1023:
+        raise ValueError(f"bitmap name {name!r}: 1 to 1023 bytes")
+    return name
+
+
+def unique(names: list[str]) -> tuple[str, ...]:
+    """Each name once, first come first (qemu-nbd lists a twice-given bitmap twice; one context
+    per bitmap is what a client can tell apart)."""
+    return tuple(dict.fromkeys(names))
 
 
 def check_exports(specs: list[ExportSpec]) -> None:

@@ -276,7 +276,7 @@ class Handshake:
             return Step([self._error(option, Rep.ERR_UNKNOWN, "export not found")])
         replies = [
             self._reply(option, Rep.META_CONTEXT, wire.RepMetaContext.build({"context_id": 0, "name": name}))
-            for name in list_contexts(queries)
+            for name in list_contexts(export.contexts, queries)
         ]
         replies.append(self._reply(option, Rep.ACK))
         return Step(replies)
@@ -290,7 +290,7 @@ class Handshake:
         if export is None:
             return Step([self._error(option, Rep.ERR_UNKNOWN, "export not found")])
         replies = []
-        for name in select_contexts(queries):
+        for name in select_contexts(export.contexts, queries):
             context_id = self._next_context_id  # never reused on this connection
             self._next_context_id += 1
             self.contexts.append((context_id, name))

@@ -7,7 +7,16 @@ Knows nothing of the network.  :func:`open_disk` returns a
 
 from __future__ import annotations
 
-from .contract import Disk, Extent, ThreadModel
+from .contract import Bitmap, BitmapError, Disk, Extent, ThreadModel
 from .opening import open_disk, open_layer, probe_format
 
-__all__ = ["Disk", "Extent", "ThreadModel", "open_disk", "open_layer", "probe_format"]
+__all__ = [
+    "Bitmap",
+    "BitmapError",
+    "Disk",
+    "Extent",
+    "ThreadModel",
+    "open_disk",
+    "open_layer",
+    "probe_format",
+]

@@ -17,8 +17,9 @@ import errno
 import os
 from collections.abc import Iterator
 
-from .contract import Buffer, Disk, Extent, ExtentMap, SparseRun, ThreadModel
+from .contract import Bitmap, BitmapError, Buffer, Disk, Extent, ExtentMap, SparseRun, ThreadModel
 from .hostfile import HostFile
+from .image import Qcow2Image
 from .status import ALLOCATED, DATA, OFFSET_VALID, ZERO, Layer, status_above
 
 
@@ -196,6 +197,21 @@ class ChainDisk(Disk):
                 except OSError:
                     return  # a hint
             offset += st.length
+
+    def bitmap(self, name: str) -> Bitmap:
+        """The first layer from the top with a bitmap of that name has it (qemu-nbd ``-B``);
+        one that was not stored cleanly (in use at open) is refused, in QEMU's words."""
+        from .dirtymap import ImageBitmap
+
+        layer: Layer | None = self.top
+        while layer is not None:
+            found = layer.meta.bitmaps.find(name) if isinstance(layer, Qcow2Image) else None
+            if found is not None:
+                if found.inconsistent:
+                    raise BitmapError(f"Bitmap '{name}' is inconsistent and cannot be used")
+                return ImageBitmap(found)
+            layer = layer.backing
+        raise BitmapError(f"Bitmap '{name}' is not found")
 
     # -- writes ---------------------------------------------------------------------
 

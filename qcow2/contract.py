@@ -2,8 +2,8 @@
 
 In the spirit of nbdkit's plugin API, a :class:`Disk` states its size, what
 it can do (``can_*``), how its calls may overlap (:class:`ThreadModel`),
-and offers read / read_sparse / extents / extent_map / write / write_zeroes /
-trim / flush / cache / close.  Every method and capability has a documented
+and offers read / read_sparse / extents / extent_map / bitmap / write /
+write_zeroes / trim / flush / cache / close.  Every method and capability has a documented
 default, so a small disk overrides only what it really does.  Raw files and
 qcow2 chains look alike through it; the server asks it and nothing else.
 
@@ -163,6 +163,43 @@ class ExtentMap:
             yield Extent(n, bool(f & EXTENT_DATA), bool(f & EXTENT_ZERO), d)
 
 
+class BitmapError(LookupError):
+    """A dirty bitmap that cannot be exported; the message says why, in QEMU's words."""
+
+
+@dataclass(frozen=True)
+class DirtyMap:
+    """Consecutive runs of a dirty bitmap as arrays, for block status.
+
+    Run ``i`` covers ``bounds[i] .. bounds[i+1]`` (int64, one more than runs);
+    ``dirty[i]`` (uint32) is 1 where the bitmap says the bytes changed since it
+    was cleared, else 0 -- the values of NBD's ``qemu:dirty-bitmap:`` context.
+    """
+
+    bounds: object
+    dirty: object
+
+    @property
+    def end(self) -> int:
+        return int(self.bounds[-1])
+
+
+class Bitmap:
+    """A persistent dirty bitmap of a disk, as :meth:`Disk.bitmap` hands it out.
+
+    It follows the disk: writes through the disk set its bits while it is
+    enabled.  :meth:`dirty_map` is a read (same thread-model group as
+    :meth:`Disk.extent_map`).
+    """
+
+    name: str = ""
+
+    def dirty_map(self, offset: int, length: int) -> DirtyMap:
+        """Runs from ``offset`` covering at least one byte and at most ``length`` (callers ask
+        again from where it ended).  Bytes past what the bitmap covers read as clean."""
+        raise NotImplementedError
+
+
 class Disk:
     """Base class and written contract of every disk; the defaults are those of a plain read-only disk.
 
@@ -236,6 +273,12 @@ class Disk:
 
     def cache(self, offset: int, length: int) -> None:
         """Prefetch a range (a hint).  Default: nothing."""
+
+    def bitmap(self, name: str) -> Bitmap:
+        """The persistent dirty bitmap ``name``, searched from the top of a chain down, as
+        qemu-nbd ``-B`` finds it.  Raises :class:`BitmapError` when there is none, or it
+        cannot be trusted.  Default: no bitmaps."""
+        raise BitmapError(f"Bitmap '{name}' is not found")
 
     # -- writes -----------------------------------------------------------------------
 

@@ -167,6 +167,10 @@ class PersistentBitmaps:
         bits[-(-granules // 8) :] = bytes(len(bits) - -(-granules // 8))
         return bits
 
+    def find(self, name: str) -> DirtyBitmap | None:
+        wanted = name.encode("utf-8")
+        return next((b for b in self.bitmaps if b.entry.name == wanted), None)
+
     # -- writing ----------------------------------------------------------------------
 
     def start_writing(self) -> None:
