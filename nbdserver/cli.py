@@ -21,7 +21,6 @@ import stat
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import qcow2
@@ -316,6 +315,8 @@ def tls_config(args: argparse.Namespace) -> TlsConfig | None:
     """The TLS settings, their certificates loaded once now so that a bad file fails the start."""
     if not args.tls_creds:
         return None
+    from pathlib import Path  # not at start-up: it costs more than the rest of the command line
+
     from .tls import TlsConfig, TlsSetupError  # ssl: loaded only when TLS is asked for
 
     try:
@@ -398,6 +399,8 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if _early_stop:
+        stop.set()  # a signal came during start-up
     server = Server(
         exports, max_clients=max_clients, handshake_limit=handshake_limit, tls=tls, metrics=metrics
     )
@@ -411,6 +414,13 @@ async def serve(
         await accepting
     listener.close()
     await server.shutdown()
+
+
+_early_stop: list[int] = []
+
+
+def _stop_early(signum: int, frame: object) -> None:
+    _early_stop.append(signum)
 
 
 def _daemonize() -> int:
@@ -472,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         if value:
             log.info("--%s=%s accepted for qemu-nbd compatibility; it changes nothing here", option, value)
     ready_fd = _daemonize() if args.fork else -1
+    # SIGTERM/SIGINT during start-up stop the server as soon as it serves, cleanly (pid
+    # file and socket removed, images closed), before the event loop takes them over.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_early)
     listener = None
     activated = False
     exports: dict[str, Export] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from qcow2.create.options import split_option_list
+from qcow2.qemuopts import split_option_list
 
 _BOOL = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
 KEYS = ("name", "file", "readonly", "description", "format", "bitmap")

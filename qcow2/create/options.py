@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..errors import ImageError
 from ..format.header import MAX_BACKING_NAME, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS
+from ..qemuopts import split_option_list
 
 DEFAULT_CLUSTER_SIZE = 65536
 EXTL2_SUBCLUSTERS = 32
@@ -183,24 +184,6 @@ def parse_size(text: str) -> int | None:
         return int(num, 10) << _SUFFIXES[unit]
     except ValueError:
         return None
-
-
-def split_option_list(text: str) -> list[str]:
-    """``a=1,b=2`` split on single commas; a doubled comma is a literal comma (QEMU's syntax)."""
-    items, cur, i = [], [], 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1 : i + 2] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(text[i])
-        i += 1
-    items.append("".join(cur))
-    return items
 
 
 def parse_option_string(text: str) -> list[tuple[str, str]]:
