@@ -44,6 +44,18 @@ def test_fork_returns_once_listening_and_sigterm_cleans_up(image, tmp_path):
     assert not s.sock.exists() and not s.pidfile.exists()
 
 
+def test_sigterm_right_after_fork_returns_still_cleans_up(tmp_path):
+    """Scripts stop a server as soon as it is up; a signal before the event loop runs still
+    closes the image and removes the pid file and the socket (it once killed the process outright)."""
+    qcow2 = tmp_path / "disk.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", qcow2, "64M")
+    for i in range(5):
+        s = Server(qcow2, tmp_path / str(i), ("-r",))
+        os.kill(s.pid, signal.SIGTERM)
+        assert wait_pid_exit(s.pid)
+        assert not s.sock.exists() and not s.pidfile.exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_exits_0_and_removes_files(image, tmp_path, sig):
     sock, pidfile = tmp_path / "s.sock", tmp_path / "s.pid"
