@@ -30,8 +30,21 @@ VENV=${VENV:-$ROOT/.venv}
 #   ca-certificates pip talks HTTPS to PyPI
 #   openssl         the TLS tests make their CA and certificates with it
 #   systemd         systemd-socket-activate and systemd-analyze for the systemd tests
+# and for the VM-boot test (tests/test_vm_boot.py builds a bootable disk, boots it from the server):
+#   qemu-system-x86 the guest machine, run under TCG (SeaBIOS comes with it)
+#   busybox-static  the guest's whole userland: one static binary, in the initramfs and on the root
+#   syslinux        the boot loader, installed into the FAT partition's image file through mtools
+#   syslinux-common syslinux's MBR code and ldlinux
+#   mtools          mcopy: the kernel and initramfs into the FAT image, no mount
+#   dosfstools      mkfs.fat: the FAT boot partition
+#   e2fsprogs       mke2fs -d: the ext4 root filled from a directory, no mount; debugfs reads it back
 APT_PACKAGES=(qemu-utils libnbd-bin file python3-libnbd python3-venv fio nbdkit util-linux ca-certificates openssl
-              systemd)
+              systemd qemu-system-x86 busybox-static syslinux syslinux-common mtools dosfstools e2fsprogs)
+# The VM-boot test's guest kernel: the package linux-image-cloud-amd64 points to (virtio and ext4,
+# small), downloaded as a .deb into VM_DEBS and never installed: installing a kernel would run
+# initramfs and boot-loader hooks on this machine.
+VM_KERNEL=linux-image-cloud-amd64
+VM_DEBS=$ROOT/.cache/vm
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -56,24 +69,62 @@ missing_packages() {
     done
 }
 
+# The kernel package linux-image-cloud-amd64 depends on now (linux-image-6.1.0-NN-cloud-amd64).
+guest_kernel_package() {
+    apt-cache depends "$VM_KERNEL" 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }'
+}
+
+# Download it into VM_DEBS unless it is there; older ones are removed.  apt-cache takes a second
+# here (no binary cache), so it is asked only when the package lists changed since the last look.
+fetch_guest_kernel() {
+    local pkg looked=$VM_DEBS/.looked
+    if [[ -f $looked ]] && compgen -G "$VM_DEBS/*.deb" >/dev/null \
+        && [[ -z $(find /var/lib/apt/lists -maxdepth 1 -newer "$looked" -print -quit) ]]; then
+        return 0
+    fi
+    pkg=$(guest_kernel_package)
+    if [[ -z $pkg ]]; then
+        quiet "${APT[@]}" update
+        pkg=$(guest_kernel_package)
+        [[ -n $pkg ]] || { log "cannot tell which kernel package $VM_KERNEL depends on"; return 1; }
+    fi
+    if compgen -G "$VM_DEBS/${pkg}_*.deb" >/dev/null; then
+        touch "$looked"
+        return 0
+    fi
+    log "downloading the VM-boot test's guest kernel: $pkg"
+    mkdir -p "$VM_DEBS.new"
+    rm -f "$VM_DEBS.new"/*.deb
+    # a stale package list names a file the mirror no longer has: update once and try again
+    if ! (cd "$VM_DEBS.new" && quiet apt-get -q download "$pkg"); then
+        quiet "${APT[@]}" update
+        (cd "$VM_DEBS.new" && quiet apt-get -q download "$pkg")
+    fi
+    rm -rf "$VM_DEBS"
+    mv "$VM_DEBS.new" "$VM_DEBS"
+    touch "$looked"
+}
+
 if [[ ${SKIP_APT:-0} != 1 ]]; then
     if ! command -v dpkg-query >/dev/null; then
         log "this script installs Debian packages; set SKIP_APT=1 on other systems"
         exit 1
     fi
+    SUDO=()
+    ((EUID == 0)) || SUDO=(sudo)
+    export DEBIAN_FRONTEND=noninteractive
+    APT=("${SUDO[@]}" apt-get -q -y -o DPkg::Lock::Timeout=300)
     mapfile -t missing < <(missing_packages)
     if ((${#missing[@]})); then
-        SUDO=()
-        if ((EUID != 0)); then
-            command -v sudo >/dev/null || { log "need root to install: ${missing[*]}"; exit 1; }
-            SUDO=(sudo)
+        if ((EUID != 0)) && ! command -v sudo >/dev/null; then
+            log "need root to install: ${missing[*]}"
+            exit 1
         fi
         log "installing Debian packages: ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        APT=("${SUDO[@]}" apt-get -q -y -o DPkg::Lock::Timeout=300)
         quiet "${APT[@]}" update
         quiet "${APT[@]}" install --no-install-recommends "${missing[@]}"
     fi
+    fetch_guest_kernel
 fi
 
 PY=/usr/bin/python3

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,12 +147,13 @@ def _forking_server(name: str, argv_fn, image: Image, workdir: Path, export: str
 
 
 def qemu_nbd(
-    image: Image, workdir: Path, export: str = "", writable: bool = False
+    image: Image, workdir: Path, export: str = "", writable: bool = False, options: Sequence[str] = ()
 ) -> contextlib.AbstractContextManager[Server]:
-    """qemu-nbd on ``image``: read-only unless ``writable`` (then it changes the image)."""
+    """qemu-nbd on ``image``: read-only unless ``writable`` (then it changes the image); ``options``
+    are added to its command line."""
 
     def argv(sock, pidfile):
-        a = ["qemu-nbd", *([] if writable else ["-r"]), "-A", "-t", "-e", "16", "-f", image.fmt]
+        a = ["qemu-nbd", *([] if writable else ["-r"]), "-A", "-t", "-e", "16", "-f", image.fmt, *options]
         a += ["-k", str(sock)]
         if export:
             a += ["-x", export]
@@ -162,12 +163,14 @@ def qemu_nbd(
 
 
 def our_nbd(
-    image: Image, workdir: Path, export: str = "", writable: bool = False
+    image: Image, workdir: Path, export: str = "", writable: bool = False, options: Sequence[str] = ()
 ) -> contextlib.AbstractContextManager[Server]:
-    """Our server on ``image``: read-only unless ``writable`` (then it changes the image)."""
+    """Our server on ``image``: read-only unless ``writable`` (then it changes the image); ``options``
+    are added to its command line."""
 
     def argv(sock, pidfile):
-        a = [PYTHON, "-m", "nbdserver", *([] if writable else ["-r"]), "-f", image.fmt, "-k", str(sock)]
+        a = [PYTHON, "-m", "nbdserver", *([] if writable else ["-r"]), "-f", image.fmt, *options]
+        a += ["-k", str(sock)]
         if export:
             a += ["-x", export]
         return a + ["--fork", "--pid-file", str(pidfile), image.path]
