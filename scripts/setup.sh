@@ -38,8 +38,12 @@ VENV=${VENV:-$ROOT/.venv}
 #   mtools          mcopy: the kernel and initramfs into the FAT image, no mount
 #   dosfstools      mkfs.fat: the FAT boot partition
 #   e2fsprogs       mke2fs -d: the ext4 root filled from a directory, no mount; debugfs reads it back
+# and for the Docker test (tests/test_docker.py builds the Dockerfile and runs the image):
+#   docker.io       the Docker engine (dockerd) and client; the test starts dockerd if none runs
+#   debootstrap     a Debian base image for the Dockerfile when no image registry answers
 APT_PACKAGES=(qemu-utils libnbd-bin file python3-libnbd python3-venv fio nbdkit util-linux ca-certificates openssl
-              systemd qemu-system-x86 busybox-static syslinux syslinux-common mtools dosfstools e2fsprogs)
+              systemd qemu-system-x86 busybox-static syslinux syslinux-common mtools dosfstools e2fsprogs
+              docker.io debootstrap)
 # The VM-boot test's guest kernel: the package linux-image-cloud-amd64 points to (virtio and ext4,
 # small), downloaded as a .deb into VM_DEBS and never installed: installing a kernel would run
 # initramfs and boot-loader hooks on this machine.
