@@ -30,6 +30,7 @@ from qcow2.opening import confined_opener
 if TYPE_CHECKING:
     import asyncio
 
+    from .overlays import ClientOverlays
     from .tls import TlsConfig
 
 from .export import Export
@@ -152,6 +153,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="writes go to a throwaway qcow2 overlay, dropped at exit (as qemu-nbd -s)",
     )
     p.add_argument(
+        "--client-overlays",
+        action="store_true",
+        help="each client writes into a throwaway qcow2 overlay of its own over IMAGE (never written)",
+    )
+    p.add_argument(
+        "--client-overlay-dir",
+        metavar="DIR",
+        help="as --client-overlays; other export names are overlays kept in DIR as NAME.qcow2",
+    )
+    p.add_argument(
         "--exit-after-last",
         action="store_true",
         help="exit once the last client has gone (qemu-nbd's behaviour without -t)",
@@ -223,9 +234,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
     if args.offset and any(spec.bitmaps for spec in specs):
         p.error("--offset cannot be combined with exported bitmaps")
+    if args.client_overlay_dir is not None:
+        args.client_overlays = True
+    if args.client_overlays:
+        clash = [
+            option
+            for option, given in (
+                ("--export", args.export),
+                ("-r", args.read_only),
+                ("-s", args.snapshot),
+                ("-B", args.bitmap),
+                ("--offset", args.offset),
+                ("-U", args.force_share),
+            )
+            if given
+        ]
+        if clash:
+            p.error(f"--client-overlays serves one IMAGE read-write through overlays; not with {clash[0]}")
     if args.force_share and not all(spec.read_only for spec in specs):
         p.error("--force-share needs read-only exports (-r, or readonly=on)")
     args.specs = specs
+    args.overlays = None  # --client-overlays: set once the image is open
     return args
 
 
@@ -233,6 +262,15 @@ def open_exports(args: argparse.Namespace) -> dict[str, Export]:
     """Every export's disk, in order; on a failure the ones opened are closed again."""
     exports: dict[str, Export] = {}
     try:
+        if args.client_overlays:
+            spec = args.specs[0]
+            try:
+                args.overlays = open_client_overlays(spec, args)
+            except Exception as e:
+                msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise StartupError(f"cannot open {spec.file}: {msg}") from None
+            exports[spec.name] = args.overlays.template
+            return exports
         for spec in args.specs:
             exports[spec.name] = open_export(spec, args)
     except BaseException:
@@ -240,6 +278,23 @@ def open_exports(args: argparse.Namespace) -> dict[str, Export]:
             close_disk(export.disk, export.name)
         raise
     return exports
+
+
+def open_client_overlays(spec: ExportSpec, args: argparse.Namespace) -> ClientOverlays:
+    """--client-overlays: the image read-only, and a template export whose clients get overlays."""
+    from .overlays import ClientOverlays
+
+    fmt = spec.fmt or qcow2.probe_format(spec.file)
+    opener = confined_opener(args.confine, spec.file) if args.confine else HostFile
+    base = qcow2.open_disk(spec.file, fmt=fmt, read_only=True, opener=opener)
+    template = Export(
+        spec.name, base, spec.description, detect_zeroes=args.detect_zeroes, unmap=args.discard == "unmap"
+    )
+    try:
+        return ClientOverlays.open(spec.file, fmt, base, template, args.client_overlay_dir, args.confine)
+    except BaseException:
+        base.close()
+        raise
 
 
 def open_snapshot(spec: ExportSpec, confine: list[str]) -> qcow2.Disk:
@@ -389,6 +444,7 @@ async def serve(
     tls: TlsConfig | None = None,
     exit_after_last: bool = False,
     metrics: object = None,
+    overlays: ClientOverlays | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or the last client gone), then finish the requests in flight."""
     import asyncio
@@ -402,7 +458,12 @@ async def serve(
     if _early_stop:
         stop.set()  # a signal came during start-up
     server = Server(
-        exports, max_clients=max_clients, handshake_limit=handshake_limit, tls=tls, metrics=metrics
+        exports,
+        max_clients=max_clients,
+        handshake_limit=handshake_limit,
+        tls=tls,
+        metrics=metrics,
+        overlays=overlays,
     )
     if exit_after_last:
         server.on_last_client_gone = stop.set
@@ -537,7 +598,14 @@ def main(argv: list[str] | None = None) -> int:
         with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
             runner.run(
                 serve(
-                    exports, listener, args.shared, args.handshake_limit, tls, args.exit_after_last, metrics
+                    exports,
+                    listener,
+                    args.shared,
+                    args.handshake_limit,
+                    tls,
+                    args.exit_after_last,
+                    metrics,
+                    args.overlays,
                 )
             )
         # Every request has finished: flush and mark the images clean before
@@ -547,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
         for spec in args.specs:
             ok = close_disk(closing[spec.name].disk, spec.file) and ok
             log.info("closed %s", spec.file)
+        if args.overlays is not None:
+            overlays, args.overlays = args.overlays, None
+            ok = close_disk(overlays, args.specs[0].file) and ok
         return 0 if ok else 1
     finally:
         if ready_fd >= 0:
@@ -558,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
                     os.unlink(args.socket)
         for export in exports.values():
             close_disk(export.disk, export.name)
+        if args.overlays is not None:
+            close_disk(args.overlays, args.specs[0].file)
         if pid_written:
             with contextlib.suppress(OSError):
                 os.unlink(args.pid_file)

@@ -57,6 +57,8 @@ class Export:
     no-op (zero writes still unmap when the client allows it: qemu-nbd 7.2's behaviour, measured).
     ``bitmaps``: the disk's dirty bitmaps exported as ``qemu:dirty-bitmap:NAME``
     contexts (qemu-nbd ``-B``), in the order given.
+    ``per_client``: a template: each client that chooses it gets an export of its own
+    (:mod:`nbdserver.overlays`); ``disk`` only tells what those disks offer.
     """
 
     name: str
@@ -66,6 +68,7 @@ class Export:
     detect_zeroes: str = "off"
     unmap: bool = True
     bitmaps: Sequence[Bitmap] = ()
+    per_client: bool = False
     gate: RequestGate = field(init=False, repr=False)
     contexts: tuple[str, ...] = field(init=False)  # the metadata contexts offered
     dirty_bitmaps: dict[str, Bitmap] = field(init=False, repr=False)  # context name -> bitmap

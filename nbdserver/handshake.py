@@ -58,6 +58,9 @@ class Step(NamedTuple):
     result: Negotiated | None = None  # set once transmission begins
     close: bool = False  # the client aborted: close after sending the replies
     start_tls: bool = False  # after the replies: the TLS handshake, then :meth:`Handshake.tls_started`
+    # Before sending the replies: open the client's own disk for ``result.export`` (a per-client
+    # export) and put it there; if that fails, send :meth:`Handshake.attach_failed`'s instead.
+    attach: bool = False
 
 
 class _State(Enum):
@@ -206,7 +209,7 @@ class Handshake:
         )
         if not self.no_zeroes:
             reply += bytes(EXPORT_NAME_PADDING)
-        return Step([reply], result)
+        return Step([reply], result, attach=export.per_client)
 
     def _opt_abort(self, data: bytes) -> Step:
         self._state = _State.DONE
@@ -249,8 +252,18 @@ class Handshake:
         replies = [self._reply(option, Rep.INFO, item) for item in items]
         replies.append(self._reply(option, Rep.ACK))
         if option == Opt.GO:
-            return Step(replies, self._enter_transmission(export))
+            return Step(replies, self._enter_transmission(export), attach=export.per_client)
         return Step(replies)
+
+    def attach_failed(self, message: str) -> Step:
+        """The client's own disk could not be opened after GO: ERR_UNKNOWN, and the options go on.
+
+        After EXPORT_NAME no error can be sent: the client is dropped.
+        """
+        if self._option == Opt.EXPORT_NAME:
+            raise ProtocolError(f"EXPORT_NAME: {message}")
+        self._state, self._need = _State.OPTION_HEADER, 16
+        return Step([self._error(Opt.GO, Rep.ERR_UNKNOWN, message)])
 
     def _opt_go(self, data: bytes) -> Step:
         return self._opt_info(data, Opt.GO)

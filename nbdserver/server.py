@@ -23,18 +23,21 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from qcow2.contract import Access, ThreadModel
 
 from . import commands
 from .constants import Cmd, Err, cmd_name
 from .export import Export
-from .handshake import Handshake, Negotiated, ProtocolError
+from .handshake import Handshake, Negotiated, ProtocolError, Step
 from .metrics import Metrics, reply_is_error
 from .requests import Request, check, parse_request
 from .stream import Stream
 from .tls import TlsConfig
+
+if TYPE_CHECKING:
+    from .overlays import ClientOverlays
 
 log = logging.getLogger("nbdserver")
 T = TypeVar("T")
@@ -120,6 +123,7 @@ class Connection:
         self._stopping = False
         self._idle = False  # waiting for a request header, no byte of it received yet
         self._unflushed: Export | None = None  # export written since this client's last FLUSH
+        self._attached: Export | None = None  # this client's own export (a per-client overlay)
 
     async def run(self) -> None:
         self._task = asyncio.current_task()
@@ -174,6 +178,8 @@ class Connection:
             self._reading = None
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._flush_after_client()  # before the close the client may be waiting for
+            if self._attached is not None:
+                await self._detach()
             self.stream.close()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self.stream.wait_closed()
@@ -192,6 +198,20 @@ class Connection:
             await self.server.run_in_worker(commands.flush, export)
         except Exception as e:
             log.error("%s: flush after disconnect failed: %s", self.peer, e)
+
+    async def _detach(self) -> None:
+        """The client has gone: close its own export (a throwaway overlay goes with it).
+
+        Shielded: a server shutdown that cancels this connection must not leave the disk open.
+        """
+        export, self._attached = self._attached, None
+        assert export is not None and self.server.overlays is not None
+        try:
+            await asyncio.shield(self.server.run_in_worker(self.server.overlays.detach, export))
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:
+            log.error("%s: closing the client's overlay failed: %s", self.peer, e)
 
     def stop(self) -> None:
         """Server shutdown: start no new request; those received still get answered.
@@ -222,6 +242,8 @@ class Connection:
         self.stream.writelines([hs.greeting()])
         while True:
             step = hs.feed(await self.stream.readexactly(hs.need))
+            if step.attach:
+                step = await self._attach(hs, step)
             if step.replies:
                 self.stream.writelines(step.replies)
                 await self.stream.drain()
@@ -233,6 +255,17 @@ class Connection:
                 hs.tls_started()
             if step.result is not None:
                 return step.result
+
+    async def _attach(self, hs: Handshake, step: Step) -> Step:
+        """A per-client export chosen: open the client's own disk (in a worker), then reply."""
+        assert step.result is not None and self.server.overlays is not None
+        try:
+            export = await self.server.run_in_worker(self.server.overlays.attach, step.result.export.name)
+        except Exception as e:
+            log.warning("%s: cannot give the client its own overlay: %s", self.peer, e)
+            return hs.attach_failed(str(e))
+        step.result.export = self._attached = export
+        return step
 
     async def _start_tls(self) -> None:
         """After STARTTLS's ACK: the TLS handshake on this connection, then the authorisation."""
@@ -395,8 +428,10 @@ class Server:
         handshake_limit: float = HANDSHAKE_LIMIT,
         tls: TlsConfig | None = None,
         metrics: Metrics | None = None,
+        overlays: ClientOverlays | None = None,
     ) -> None:
-        self.exports = exports
+        self.exports = exports if overlays is None else overlays.exports(exports)
+        self.overlays = overlays  # gives per-client exports their own disks
         self.metrics = metrics if metrics is not None else Metrics()
         self.tls = tls  # None: no TLS (STARTTLS gets ERR_POLICY); else FORCEDTLS
         self.tls_context = tls.context() if tls is not None else None

@@ -78,9 +78,10 @@ class ChainDisk(Disk):
 
     can_flush = can_fua = can_cache = can_multi_conn = can_extents = True
 
-    def __init__(self, top: Layer, writer=None) -> None:
+    def __init__(self, top: Layer, writer=None, shared: Layer | None = None) -> None:
         self.top = top
         self.writer = writer
+        self.shared = shared  # a layer of the chain that others use too: close leaves it open
         self.thread_model = ThreadModel.PARALLEL if isinstance(top, HostFile) else ThreadModel.PARALLEL_READS
         window, layer = top.map_window, top
         while layer is not None:  # one window is cheap on every layer
@@ -253,11 +254,11 @@ class ChainDisk(Disk):
                 self.writer.close()
                 self.writer = None
         finally:
-            close_chain(self.top)
+            close_chain(self.top, self.shared)
 
 
-def close_chain(layer: Layer | None) -> None:
-    """Close a layer and everything under it."""
-    while layer is not None:
+def close_chain(layer: Layer | None, shared: Layer | None = None) -> None:
+    """Close a layer and everything under it, down to ``shared`` (which stays open)."""
+    while layer is not None and layer is not shared:
         layer.close()
         layer = layer.backing

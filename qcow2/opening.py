@@ -86,16 +86,17 @@ def open_layer(
     raise ValueError(f"unknown image format {fmt!r} (expected qcow2 or raw)")
 
 
-def lock_chain(top: Layer, writable: bool, force_share: bool = False) -> None:
+def lock_chain(top: Layer, writable: bool, force_share: bool = False, shared: Layer | None = None) -> None:
     """QEMU's permission locks on every file of the chain, as qemu-nbd takes them.
 
     The writable top (and its data file): consistent read, write and resize,
     denying others write and resize.  Every other file: consistent read,
     denying write and resize (nobody may change what we serve), or denying
     nothing with ``force_share`` (qemu-img's ``-U``; read-only opens only).
+    ``shared``: a layer opened (and locked) by someone else; it and what is under it are skipped.
     """
     layer: Layer | None = top
-    while layer is not None:
+    while layer is not None and layer is not shared:
         if isinstance(layer, HostFile):
             files = [layer]
         else:
@@ -139,12 +140,17 @@ def open_disk(
         raise
     if read_only:
         return ChainDisk(top)
+    if isinstance(top, HostFile):
+        disk = ChainDisk(top, RawWriter(top, probed=fmt is None))
+        if fmt is None:
+            disk.min_block_size = 512  # QEMU's alignment for a probed raw image
+        return disk
+    return _writable_qcow2(top)
+
+
+def _writable_qcow2(top: Qcow2Image, shared: Layer | None = None) -> ChainDisk:
+    """A qcow2 top opened for writing, as a disk: repaired first if dirty, then the writer attached."""
     try:
-        if isinstance(top, HostFile):
-            disk = ChainDisk(top, RawWriter(top, probed=fmt is None))
-            if fmt is None:
-                disk.min_block_size = 512  # QEMU's alignment for a probed raw image
-            return disk
         if top.header.dirty:
             # QEMU's open of a dirty image: check -r all, then trust the (new) refcounts.
             from .check.dirty import repair_dirty_image  # only a writable, dirty image needs it
@@ -152,10 +158,37 @@ def open_disk(
             repair_dirty_image(top.meta)
         from .write import Qcow2Writer  # read-only exports never load the write side
 
-        return ChainDisk(top, Qcow2Writer(top))
+        return ChainDisk(top, Qcow2Writer(top), shared=shared)
     except BaseException:
-        close_chain(top)
+        close_chain(top, shared)
         raise
+
+
+def open_overlay(filename: str, backing: Layer, opener: FileOpener = HostFile) -> ChainDisk:
+    """The qcow2 overlay ``filename`` for writing, over ``backing``: a layer already open and shared.
+
+    Many overlays over one golden image (a VM farm) then share its one set of
+    files, tables and cache, and closing an overlay leaves the image open.
+    The overlay must name that image as its backing file (same file once
+    paths are resolved); it is locked for writing, the image is not touched.
+    """
+    file = open_host_file(filename, True, opener)
+    if _probe(file) != "qcow2":
+        file.close()
+        raise ImageError(f"{shown(filename)}: not a qcow2 image")
+    top = open_qcow2(filename, file, writable=True, opener=opener, backing_layer=backing)
+    try:
+        named = os.path.join(os.path.dirname(filename), top.header.backing_file or "")
+        if not top.header.backing_file or os.path.realpath(named) != os.path.realpath(backing.filename):
+            raise ImageError(
+                f"{shown(filename)}: its backing file is {shown(top.header.backing_file or 'none')}, "
+                f"not {shown(backing.filename)}"
+            )
+        lock_chain(top, writable=True, shared=backing)
+    except BaseException:
+        close_chain(top, backing)
+        raise
+    return _writable_qcow2(top, shared=backing)
 
 
 def read_cluster0(file: HostFile) -> bytes:
@@ -181,13 +214,20 @@ def read_cluster0(file: HostFile) -> bytes:
 
 
 def open_qcow2(
-    filename: str, file: HostFile, writable: bool = False, depth: int = 0, opener: FileOpener = HostFile
+    filename: str,
+    file: HostFile,
+    writable: bool = False,
+    depth: int = 0,
+    opener: FileOpener = HostFile,
+    backing_layer: Layer | None = None,
 ) -> Qcow2Image:
     """A qcow2 image over ``file``, with its data file and backing chain.
 
     Reads happen in QEMU's order and sizes (header page, L1, refcount table,
     snapshots, bitmaps, then the backing file): the kernel's readahead then
-    caches the same pages QEMU's would.
+    caches the same pages QEMU's would.  ``backing_layer``: an open layer to
+    use as the backing chain instead of opening the one the header names
+    (left open if this fails).
     """
     if depth > MAX_CHAIN_DEPTH:
         file.close()
@@ -202,13 +242,16 @@ def open_qcow2(
             raise ImageError(f"{filename}: {meta.bitmaps.error}")
         data_file = _open_data_file(filename, header, writable, opener)
         meta.data_file = data_file
-        backing = _open_backing(filename, header, depth, opener)
+        if backing_layer is not None:
+            backing = backing_layer
+        else:
+            backing = _open_backing(filename, header, depth, opener)
         return Qcow2Image(filename, meta, data_file, backing)
     except BaseException:
         for layer in (file, data_file):
             if layer is not None:
                 layer.close()
-        close_chain(backing)
+        close_chain(backing, backing_layer)
         raise
 
 
