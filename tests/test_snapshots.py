@@ -338,9 +338,14 @@ def _wait_gone(pid: int) -> None:
         os.close(fd)
 
 
-def serve(argv: list[str], image: Path) -> int:
-    pidfile = image.with_suffix(".pid")
-    sh(*argv, "-k", str(image.with_suffix(".sock")), "--fork", "--pid-file", str(pidfile), str(image))
+def socket_of(image: Path, tag: str = "") -> Path:
+    return image.parent / f"{image.stem}{tag}.sock"
+
+
+def serve(argv: list[str], image: Path, tag: str = "") -> int:
+    """A forking NBD server (qemu-nbd or ours) on ``image``, listening on :func:`socket_of`; its pid."""
+    pidfile = image.parent / f"{image.stem}{tag}.pid"
+    sh(*argv, "-k", str(socket_of(image, tag)), "--fork", "--pid-file", str(pidfile), str(image))
     return int(pidfile.read_text())
 
 
@@ -398,7 +403,7 @@ def test_writes_through_our_server_leave_every_snapshot_alone(tmp_path: Path, or
             "-f",
             "raw",
             *[a for w in writes for a in ("-c", w)],
-            f"nbd+unix:///?socket={mine.with_suffix('.sock')}",
+            f"nbd+unix:///?socket={socket_of(mine)}",
         )
     finally:
         stop(pid)
