@@ -425,3 +425,31 @@ def test_new_ids_follow_strtoul(oracle_tools: None) -> None:
         snaps = [Snapshot(0, 0, i.decode(), "", raw_id=i) for i in ids]
         expected = (max([strtoul(i, None, 10) for i in ids], default=0) + 1) % (1 << 64)
         assert next_snapshot_id(snaps) == str(expected).encode(), ids
+
+
+@pytest.mark.parametrize("kind", ["lazy-refcounts", "v3"])
+def test_a_snapshot_between_writes_of_one_open(tmp_path: Path, oracle_tools: None, kind: str) -> None:
+    """Through the driver in one read-write open: writes (refcounts held back under the dirty bit
+    with lazy refcounts), a snapshot, more writes, a delete.  The snapshot holds what the first
+    writes left, as qemu-img's taken between the same qemu-io writes, and the image checks clean."""
+    from qcow2 import SnapshotRef, open_disk
+
+    ref, mine = pair(tmp_path, *KINDS[kind])
+    io(ref, ["write -P 0x11 0 200k", "write -z 9M 1M"])
+    sh("qemu-img", "snapshot", "-c", "mid", str(ref))
+    io(ref, ["write -P 0x22 100k 200k", "write -P 0x23 20M 64k"])
+    sh("qemu-img", "snapshot", "-c", "end", str(ref))
+    sh("qemu-img", "snapshot", "-d", "mid", str(ref))
+    disk = open_disk(str(mine), read_only=False)
+    try:
+        disk.write(0, b"\x11" * 200 * 1024)
+        disk.write_zeroes(9 * MiB, MiB)
+        disk.writer.create_snapshot(b"mid", 0, 0)
+        disk.write(100 * 1024, b"\x22" * 200 * 1024)
+        disk.write(20 * MiB, b"\x23" * 64 * 1024)
+        disk.writer.create_snapshot(b"end", 0, 0)
+        disk.writer.delete_snapshot(SnapshotRef(name="mid"))
+    finally:
+        disk.close()
+    assert check_problems(mine) is None, check_problems(mine)
+    assert_same_state(ref, mine, tmp_path / "scratch.raw")

@@ -23,8 +23,10 @@ change through its :class:`~.refcounts.Refcounts`.
 from __future__ import annotations
 
 import errno
+import functools
 import struct
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from ..format import layout as L
 from ..format.header import MAX_L1_BYTES, MAX_SNAPSHOTS, Header
@@ -43,6 +45,7 @@ from .cache import TableCache
 from .refcounts import Refcounts
 
 _IGNORE_INACTIVE_L1 = frozenset({O.INACTIVE_L1})
+T = TypeVar("T")
 
 
 class SnapshotOwner(Protocol):
@@ -93,6 +96,21 @@ def _sync_refcounts(meta: SnapshotOwner) -> None:
     """Refcounts on disk before anything relies on them (lazy refcounts or not)."""
     meta.refcounts.write_dirty()
     meta.file.flush()
+
+
+def _strict_refcounts(operation: Callable[..., T]) -> Callable[..., T]:
+    """During ``operation`` every write-back writes the refcounts first, lazy refcounts or not:
+    its steps are crash-safe on their own, not through the dirty bit."""
+
+    @functools.wraps(operation)
+    def run(meta: SnapshotOwner, *args):
+        lazy, meta.refcounts.lazy = meta.refcounts.lazy, False
+        try:
+            return operation(meta, *args)
+        finally:
+            meta.refcounts.lazy = lazy
+
+    return run
 
 
 def read_l1(meta: SnapshotOwner, sn: Snapshot) -> list[int]:
@@ -214,6 +232,13 @@ def write_snapshot_table(meta: SnapshotOwner, snapshots: list[Snapshot]) -> None
 # -- what each operation refuses, in QEMU's order (also asked before opening for writing) --
 
 
+def _find(meta: SnapshotOwner, ref: SnapshotRef) -> int:
+    index = ref.find(meta.snapshots)
+    if index < 0:
+        raise OSError(errno.ENOENT, "Can't find the snapshot")
+    return index
+
+
 def check_create(meta: SnapshotOwner) -> None:
     _no_data_file(meta)
     if len(meta.snapshots) >= MAX_SNAPSHOTS:
@@ -239,6 +264,7 @@ def check_apply(meta: SnapshotOwner, ref: SnapshotRef) -> int:
 # -- the operations ------------------------------------------------------------------------
 
 
+@_strict_refcounts
 def create(meta: SnapshotOwner, name: bytes, date_sec: int, date_nsec: int) -> Snapshot:
     """QEMU's qcow2_snapshot_create for a disk-only snapshot (no VM state, as qemu-img makes)."""
     check_create(meta)
@@ -270,13 +296,7 @@ def create(meta: SnapshotOwner, name: bytes, date_sec: int, date_nsec: int) -> S
     return sn
 
 
-def _find(meta: SnapshotOwner, ref: SnapshotRef) -> int:
-    index = ref.find(meta.snapshots)
-    if index < 0:
-        raise OSError(errno.ENOENT, "Can't find the snapshot")
-    return index
-
-
+@_strict_refcounts
 def delete(meta: SnapshotOwner, ref: SnapshotRef) -> None:
     """QEMU's qcow2_snapshot_delete."""
     index = check_delete(meta, ref)
@@ -293,6 +313,7 @@ def delete(meta: SnapshotOwner, ref: SnapshotRef) -> None:
     fix_copied_flags(meta)
 
 
+@_strict_refcounts
 def apply(meta: SnapshotOwner, ref: SnapshotRef) -> int:
     """QEMU's bdrv_snapshot_goto and qcow2_snapshot_goto: the active L1 becomes a copy of the
     snapshot's; returns the restored disk size.  The snapshot's L1 table is rewritten with its
