@@ -22,6 +22,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ import pytest
 from qcow2.format.snapshots import Snapshot, next_snapshot_id
 
 QCOW2 = (sys.executable, "-m", "qcow2")
+QCOW2_NBD = (sys.executable, "-m", "nbdserver")
 MiB = 1 << 20
 SIZE = 32 * MiB
 
@@ -253,10 +255,11 @@ def poke_entries(image: Path, fields: list[dict]) -> None:
             pos += 40 + extra + id_len + name_len
 
 
-def test_list_is_qemu_imgs(tmp_path: Path, oracle_tools: None) -> None:
+@pytest.mark.parametrize("kind", ["v3", "v2"])
+def test_list_is_qemu_imgs(tmp_path: Path, oracle_tools: None, kind: str) -> None:
     """-l prints qemu-img's table byte for byte (sizes, clocks, icounts, long and non-ASCII names,
     local time), and rewriting the table keeps what a VM recorded."""
-    ref, mine = pair(tmp_path)
+    ref, mine = pair(tmp_path, *KINDS[kind])
     env = dict(os.environ, TZ="Asia/Kathmandu")  # +05:45: local time, not UTC
     assert ours("-l", str(mine), env=env).stdout == "" == sh("qemu-img", "snapshot", "-l", str(ref)).stdout
     for name in ("plain", "x" * 300, "ünïcödé-名前", "plain", ""):
@@ -453,3 +456,60 @@ def test_a_snapshot_between_writes_of_one_open(tmp_path: Path, oracle_tools: Non
         disk.close()
     assert check_problems(mine) is None, check_problems(mine)
     assert_same_state(ref, mine, tmp_path / "scratch.raw")
+
+
+def test_qemu_reads_and_applies_our_snapshots(tmp_path: Path, oracle_tools: None) -> None:
+    """Snapshots we take: qemu-img applies them and qemu-io reads the pattern back; qemu-nbd -l
+    serves them as our server does."""
+    _, mine = pair(tmp_path)
+    io(mine, ["write -P 0x31 2M 1M"])
+    assert ours("-c", "first", str(mine)).returncode == 0
+    io(mine, ["write -P 0x32 2M 512k", "discard 0 1M"])
+    assert ours("-c", "second", str(mine)).returncode == 0
+    io(mine, ["write -P 0x33 2M 2M"])
+    maps = {}
+    for kind, argv in (("qemu", ["qemu-nbd", "-r", "-A", "-t"]), ("ours", [*QCOW2_NBD])):
+        pid = serve([*argv, "-l", "first"], mine, kind)
+        try:
+            uri = f"nbd+unix:///?socket={socket_of(mine, kind)}"
+            maps[kind] = [
+                sh("nbdinfo", f"--map={m}", uri).stdout for m in ("base:allocation", "qemu:allocation-depth")
+            ]
+            sh("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x31 2M 1M", "-c", "read -P 1 0 1M", uri)
+        finally:
+            stop(pid)
+    assert maps["ours"] == maps["qemu"]
+    for name, reads in (("second", ["read -P 0x32 2M 512k", "read -P 0x31 2560k 512k", "read -P 0 0 1M"]),
+                        ("first", ["read -P 0x31 2M 1M", "read -P 1 0 1M"])):  # fmt: skip
+        sh("qemu-img", "snapshot", "-a", name, str(mine))
+        read = sh("qemu-io", *[a for r in reads for a in ("-c", r)], str(mine))
+        assert "Pattern verification failed" not in read.stdout, (name, read.stdout)
+        assert check_problems(mine) is None, check_problems(mine)
+
+
+def test_a_file_we_may_not_write_is_refused_as_qemu_img_refuses_it(
+    tmp_path: Path, oracle_tools: None
+) -> None:
+    """Without write permission -c, -d and -a fail (Permission denied) and change nothing; -l works."""
+    ref, mine = pair(tmp_path)
+    both(ref, mine, "-c", "s1")
+    where = Path(tempfile.mkdtemp(prefix="snapshot-ro-", dir="/tmp"))
+    try:
+        where.chmod(0o755)
+        image = where / "a.qcow2"
+        shutil.copy(mine, image)
+        image.chmod(0o444)
+        as_other = (
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        )
+        before = image.read_bytes()
+        for args in (("-c", "x"), ("-d", "s1"), ("-a", "s1")):
+            r = sh(*as_other, "qemu-img", "snapshot", *args, str(image), check=False)
+            o = sh(*as_other, *QCOW2, "snapshot", *args, str(image), check=False)
+            assert r.returncode == o.returncode == 1, (r.stderr, o.stderr)
+            assert "Permission denied" in r.stderr and "Permission denied" in o.stderr, o.stderr
+        assert image.read_bytes() == before
+        listed = sh(*as_other, *QCOW2, "snapshot", "-l", str(image))
+        assert [line.split()[:2] for line in listed.stdout.splitlines()[2:]] == [["1", "s1"]]
+    finally:
+        shutil.rmtree(where)
