@@ -424,7 +424,7 @@ def test_new_ids_follow_strtoul(oracle_tools: None) -> None:
     strtoul = ctypes.CDLL(None).strtoul
     strtoul.restype, strtoul.argtypes = ctypes.c_ulong, (ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int)
     for ids in ([], [b"1"], [b"7", b"3"], [b"abc"], [b"12abc", b" 9"], [b"-1"], [b"99999999999999999999999"],
-                [b"+5", b"\t4"], [b"18446744073709551614"]):  # fmt: skip
+                [b"+5", b"\t4"], [b"18446744073709551614"], [b"0" * 30 + b"12"], [b"9" * 5000]):  # fmt: skip
         snaps = [Snapshot(0, 0, i.decode(), "", raw_id=i) for i in ids]
         expected = (max([strtoul(i, None, 10) for i in ids], default=0) + 1) % (1 << 64)
         assert next_snapshot_id(snaps) == str(expected).encode(), ids
@@ -513,3 +513,21 @@ def test_a_file_we_may_not_write_is_refused_as_qemu_img_refuses_it(
         assert [line.split()[:2] for line in listed.stdout.splitlines()[2:]] == [["1", "s1"]]
     finally:
         shutil.rmtree(where)
+
+
+def test_an_impossible_disk_size_is_refused_cleanly(tmp_path: Path, oracle_tools: None) -> None:
+    """A snapshot entry claiming a disk of 2**62 bytes: -a and -l refuse it in one line, unchanged."""
+    _, mine = pair(tmp_path)
+    assert ours("-c", "s", str(mine)).returncode == 0
+    with open(mine, "r+b") as f:
+        f.seek(struct.unpack_from(">Q", f.read(72), 64)[0] + 48)  # the first entry's disk_size
+        f.write(struct.pack(">Q", 1 << 62))
+    before = mine.read_bytes()
+    applied = ours("-a", "s", str(mine))
+    assert (
+        applied.returncode == 1
+        and "Could not apply snapshot 's': Failed to load snapshot: File too large" in (applied.stderr)
+    )
+    served = sh(*QCOW2_NBD, "-l", "s", "-k", str(tmp_path / "x.sock"), str(mine), check=False)
+    assert served.returncode == 1 and "Snapshot disk size 4611686018427387904 is too large" in served.stderr
+    assert "Traceback" not in applied.stderr + served.stderr and mine.read_bytes() == before

@@ -172,7 +172,8 @@ def next_snapshot_id(snapshots: Sequence[Snapshot]) -> bytes:
     highest = 0
     for sn in snapshots:
         sign, digits = _LEADING_NUMBER.match(c_string(sn.raw_id)).groups()
-        value = min(int(digits or b"0"), ULONG_MAX + 1)
+        digits = digits.lstrip(b"0") or b"0"
+        value = ULONG_MAX + 1 if len(digits) > 20 else int(digits)  # past 20 digits: strtoul saturates
         value = ULONG_MAX if value > ULONG_MAX else (-value if sign == b"-" else value) & ULONG_MAX
         highest = max(highest, value)
     return str((highest + 1) & ULONG_MAX).encode()

@@ -404,10 +404,11 @@ class ImageMetadata:
         the active one in memory, nothing is written; returns the snapshot's disk size."""
         sn = self.snapshots[index]
         snapshot_ops.validate_l1(self, sn)
+        size = snapshot_ops.disk_size(self, sn)
         self.l1[:] = snapshot_ops.read_l1(self, sn)  # the same list: readers hold it
         self.l2_tables.clear()
         self._map = None
-        return sn.disk_size
+        return size
 
     def grow_l1(self, entries: int) -> None:
         """Copy the L1 table to a bigger place, switch the header to it, free the old one."""

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from ..format import layout as L
-from ..format.header import MAX_L1_BYTES, MAX_SNAPSHOTS, Header
+from ..format.header import MAX_HOST_OFFSET, MAX_L1_BYTES, MAX_SNAPSHOTS, Header
 from ..format.l2 import COMPRESSED, NORMAL, ZERO_ALLOCATED, L2Layout, L2Table
 from ..format.snapshots import (
     MAX_TABLE_SIZE,
@@ -126,6 +126,16 @@ def validate_l1(meta: SnapshotOwner, sn: Snapshot) -> None:
         raise OSError(errno.EFBIG, "Snapshot L1 table too large")
     if sn.l1_table_offset & (meta.cluster_size - 1) or sn.l1_table_offset + sn.l1_size * 8 >= 1 << 63:
         raise OSError(errno.EINVAL, "Snapshot L1 table offset invalid")
+
+
+def disk_size(meta: SnapshotOwner, sn: Snapshot) -> int:
+    """The snapshot's disk size, refused when no image could have it (a header field we trust no
+    more than the header's own size)."""
+    size = sn.disk_size if sn.disk_size is not None else meta.header.size
+    l1_entries = -(-size // (meta.cluster_size * meta.layout.entries))
+    if size >= MAX_HOST_OFFSET or l1_entries * 8 > MAX_L1_BYTES:
+        raise OSError(errno.EFBIG, f"Snapshot disk size {size} is too large")
+    return size
 
 
 def _no_data_file(meta: SnapshotOwner) -> None:
@@ -258,6 +268,7 @@ def check_apply(meta: SnapshotOwner, ref: SnapshotRef) -> int:
     _no_data_file(meta)
     index = _find(meta, ref)
     validate_l1(meta, meta.snapshots[index])
+    disk_size(meta, meta.snapshots[index])
     return index
 
 
@@ -320,9 +331,8 @@ def apply(meta: SnapshotOwner, ref: SnapshotRef) -> int:
     COPIED flags cleared, as QEMU's."""
     sn = meta.snapshots[check_apply(meta, ref)]
     meta.write_back()
-    size = sn.disk_size if sn.disk_size is not None else meta.header.size
-    span = meta.cluster_size * meta.layout.entries
-    need = max(sn.l1_size, -(-size // span))
+    size = disk_size(meta, sn)
+    need = max(sn.l1_size, -(-size // (meta.cluster_size * meta.layout.entries)))
     if need > len(meta.l1):
         meta.grow_l1(need)
     if size != meta.header.size:
