@@ -34,7 +34,14 @@ if TYPE_CHECKING:
     from .tls import TlsConfig
 
 from .export import Export
-from .exportspec import ExportSpec, check_bitmap_name, check_exports, parse_export, unique
+from .exportspec import (
+    ExportSpec,
+    check_bitmap_name,
+    check_exports,
+    parse_export,
+    parse_load_snapshot,
+    unique,
+)
 from .systemd import inherited_listener, notify
 
 log = logging.getLogger("nbdserver")
@@ -163,6 +170,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="as --client-overlays; other export names are overlays kept in DIR as NAME.qcow2",
     )
     p.add_argument(
+        "-l",
+        "--load-snapshot",
+        metavar="SNAPSHOT",
+        help="export this internal snapshot of IMAGE, read-only: an id or a name, or "
+        "snapshot.id=ID,snapshot.name=NAME (as qemu-nbd -l)",
+    )
+    p.add_argument(
         "--exit-after-last",
         action="store_true",
         help="exit once the last client has gone (qemu-nbd's behaviour without -t)",
@@ -181,7 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="SPEC",
         help="another export: name=NAME,file=PATH[,readonly=on|off][,description=TEXT][,format=F]"
-        "[,bitmap=B]... (repeatable; readonly defaults to -r)",
+        "[,bitmap=B]...[,snapshot=ID_OR_NAME] (repeatable; readonly defaults to -r)",
     )
     p.add_argument("image", nargs="?", help="image file to export (as -x NAME)")
     args = p.parse_args(argv)
@@ -203,14 +217,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.handshake_limit < 0:
         p.error("--handshake-limit must be 0 or more")
     specs = []
+    snapshot = None
+    if args.load_snapshot is not None:
+        if args.image is None:
+            p.error("-l names a snapshot of IMAGE; with --export, use snapshot=NAME")
+        if args.snapshot:
+            p.error("-l cannot be combined with -s (the throwaway overlay has no internal snapshots)")
+        if args.bitmap:
+            p.error("-l cannot be combined with -B (bitmaps follow the active state, not a snapshot)")
+        try:
+            snapshot = parse_load_snapshot(args.load_snapshot)
+        except ValueError as e:
+            p.error(f"{e}; failed in parsing snapshot param `{args.load_snapshot}'")
     if args.image is not None:
         try:
             # qemu-nbd lists its -B bitmaps last first (it prepends each to its list): so do we.
             bitmaps = unique([check_bitmap_name(name) for name in reversed(args.bitmap)])
         except ValueError as e:
             p.error(f"-B: {e}")
+        read_only = args.read_only or snapshot is not None  # qemu-nbd: -l implies -r
         specs.append(
-            ExportSpec(args.export_name, args.image, args.read_only, args.description, args.format, bitmaps)
+            ExportSpec(
+                args.export_name, args.image, read_only, args.description, args.format, bitmaps, snapshot
+            )
         )
     elif args.bitmap:
         p.error("-B names a bitmap of IMAGE; with --export, use bitmap=NAME")
@@ -241,6 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             option
             for option, given in (
                 ("--export", args.export),
+                ("-l", args.load_snapshot),
                 ("-r", args.read_only),
                 ("-s", args.snapshot),
                 ("-B", args.bitmap),
@@ -324,7 +354,12 @@ def open_export(spec: ExportSpec, args: argparse.Namespace) -> Export:
             disk = open_snapshot(spec, args.confine)
         else:
             disk = qcow2.open_disk(
-                spec.file, fmt=spec.fmt, read_only=spec.read_only, opener=opener, force_share=args.force_share
+                spec.file,
+                fmt=spec.fmt,
+                read_only=spec.read_only,
+                opener=opener,
+                force_share=args.force_share,
+                snapshot=spec.snapshot,
             )
     except Exception as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -581,9 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         if activated:
             where += " (from systemd)"
         for spec in args.specs:
-            log.info(
-                "serving %s (%d bytes) as %r on %s", spec.file, exports[spec.name].size, spec.name, where
-            )
+            what = spec.file if spec.snapshot is None else f"{spec.file} (snapshot {spec.snapshot})"
+            log.info("serving %s (%d bytes) as %r on %s", what, exports[spec.name].size, spec.name, where)
         if ready_fd >= 0:
             os.write(ready_fd, b"\0")
             os.close(ready_fd)

@@ -8,6 +8,7 @@ Knows nothing of the network.  :func:`open_disk` returns a
 from __future__ import annotations
 
 from .contract import Bitmap, BitmapError, Disk, Extent, ThreadModel
+from .format.snapshots import SnapshotRef
 from .opening import open_disk, open_layer, probe_format
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "BitmapError",
     "Disk",
     "Extent",
+    "SnapshotRef",
     "ThreadModel",
     "open_disk",
     "open_layer",

@@ -17,6 +17,7 @@ from .chain import ChainDisk, RawWriter, close_chain
 from .errors import ImageError, shown
 from .format import layout as L
 from .format.header import Header, parse_header
+from .format.snapshots import SnapshotRef
 from .hostfile import PERM_READ, PERM_RESIZE, PERM_WRITE, HostFile
 from .image import Qcow2Image
 from .metadata.owner import ImageMetadata
@@ -122,19 +123,25 @@ def open_disk(
     *,
     lock: bool = True,
     force_share: bool = False,
+    snapshot: SnapshotRef | None = None,
 ) -> ChainDisk:
     """``filename`` with its whole backing chain as one disk, writable unless ``read_only``.
 
     ``opener`` makes the host files (tests pass one that records or delays I/O).
     ``lock``: take QEMU's file locks (:func:`lock_chain`), so QEMU and we
-    never write an image the other uses.
+    never write an image the other uses.  ``snapshot``: the disk is that
+    internal snapshot instead of the active state (read-only).
     """
     if force_share and not read_only:
         raise ValueError("force-share (-U) needs a read-only export")
+    if snapshot is not None and not read_only:
+        raise ValueError("an internal snapshot is exported read-only")
     top = open_layer(filename, fmt, writable=not read_only, opener=opener)
     try:
         if lock:
             lock_chain(top, writable=not read_only, force_share=force_share)
+        if snapshot is not None:
+            load_snapshot(top, snapshot)
     except BaseException:
         close_chain(top)
         raise
@@ -189,6 +196,24 @@ def open_overlay(filename: str, backing: Layer, opener: FileOpener = HostFile) -
         close_chain(top, backing)
         raise
     return _writable_qcow2(top, shared=backing)
+
+
+def load_snapshot(top: Layer, snapshot: SnapshotRef) -> None:
+    """The image shows ``snapshot`` instead of its active state (QEMU's snapshot load_tmp):
+    the snapshot's L1 table and disk size; its backing chain is the image's."""
+    if isinstance(top, HostFile):
+        raise ImageError(
+            "Failed to load snapshot: Block format 'raw' used by device '' does not support "
+            "temporarily loading internal snapshots"
+        )
+    index = snapshot.find(top.meta.snapshots)
+    if index < 0:
+        raise ImageError("Failed to load snapshot: Can't find snapshot")
+    try:
+        size = top.meta.load_snapshot(index)
+    except OSError as e:
+        raise ImageError(f"Failed to load snapshot: {e.strerror}") from None
+    top.size = size // 512 * 512
 
 
 def read_cluster0(file: HostFile) -> bytes:

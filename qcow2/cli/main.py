@@ -1,4 +1,4 @@
-"""The ``qcow2`` command line: ``map``, ``info``, ``check``, ``create``, ``resize``."""
+"""The ``qcow2`` command line: ``map``, ``info``, ``check``, ``create``, ``resize``, ``snapshot``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ..errors import ImageError
 from ..opening import open_disk, open_layer, probe_format
 from .info import format_info, image_info
 from .map import format_human, format_json, map_entries
+from .snapshot import SnapshotCommandError, run_snapshot
 
 
 def _cmd_map(args: argparse.Namespace) -> int:
@@ -84,6 +85,25 @@ def _cmd_check(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_snapshot(args: argparse.Namespace) -> int:
+    action, name = next(
+        ((a, getattr(args, a)) for a in ("create", "delete", "apply") if getattr(args, a) is not None),
+        ("list", None),
+    )
+    try:
+        run_snapshot(args.image, action, name, args.format, args.force_share, out=_write_bytes)
+    except SnapshotCommandError as e:
+        print(f"qcow2: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write_bytes(data: bytes) -> None:
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
 def _cmd_create(args: argparse.Namespace) -> int:
     run_create(
         args.image,
@@ -135,6 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("image")
     r.add_argument("size", help="new size, or +SIZE / -SIZE")
     r.set_defaults(func=_cmd_resize)
+    s = sub.add_parser(
+        "snapshot", help="list, create, delete or apply internal snapshots (as qemu-img snapshot)"
+    )
+    what = s.add_mutually_exclusive_group()
+    what.add_argument("-l", dest="list", action="store_true", help="list the snapshots (the default)")
+    what.add_argument("-c", dest="create", metavar="NAME", help="create a snapshot of the current state")
+    what.add_argument("-d", dest="delete", metavar="NAME", help="delete the (first) snapshot named NAME")
+    what.add_argument(
+        "-a", dest="apply", metavar="NAME", help="revert the image to a snapshot (an id or a name)"
+    )
+    s.add_argument("-f", "--format", choices=("qcow2", "raw"))
+    s.add_argument(
+        "-U", "--force-share", action="store_true", help="-l while another process writes the image"
+    )
+    s.add_argument("-q", "--quiet", action="store_true", help="accepted for qemu-img compatibility")
+    s.add_argument("image")
+    s.set_defaults(func=_cmd_snapshot)
     return p
 
 

@@ -146,6 +146,14 @@ SnapshotHeader = Struct(
 )
 SNAPSHOT_FIXED_SIZE = 40  # the fields before extra_data
 
+# The start of a snapshot's extra data, as far as QEMU knows it (it keeps whatever follows).
+SnapshotExtraData = Struct(
+    "vm_state_size_large" / Int64ub,
+    "disk_size" / Int64ub,
+    "icount" / Int64ub,  # 2**64-1: none recorded
+)
+SNAPSHOT_EXTRA_SIZE = SnapshotExtraData.sizeof()  # 24, what QEMU writes
+
 # Feature bits.
 INCOMPAT_DIRTY = 1 << 0
 INCOMPAT_CORRUPT = 1 << 1

@@ -25,6 +25,7 @@ written back, so a crash leaves an image the next read-write open repairs.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import struct
@@ -33,9 +34,10 @@ from ..errors import CorruptImageError
 from ..format import layout as L
 from ..format.header import Header
 from ..format.l2 import COMPRESSED, NORMAL, ZERO_ALLOCATED, L2Layout, L2Table
-from ..format.snapshots import Snapshot, SnapshotTableError, walk_snapshot_table
+from ..format.snapshots import Snapshot, SnapshotRef, SnapshotTableError, walk_snapshot_table
 from ..hostfile import HostFile
 from . import overlap as O
+from . import snapshots as snapshot_ops
 from .bitmaps import PersistentBitmaps
 from .cache import TableCache
 from .refcounts import Refcounts
@@ -117,6 +119,8 @@ class ImageMetadata:
         size = 0
         try:
             for snapshot, end in walk_snapshot_table(self.file.pread, h.snapshots_offset, h.nb_snapshots):
+                if snapshot.disk_size is None:  # QEMU's rule: the image's size when it was opened
+                    snapshot = dataclasses.replace(snapshot, disk_size=h.size // 512 * 512)
                 snapshots.append(snapshot)
                 size = end
         except SnapshotTableError as e:
@@ -188,6 +192,10 @@ class ImageMetadata:
 
     def bitmaps_moved(self) -> None:
         """The bitmap directory or tables moved: the overlap map is built again."""
+        self._map = None
+
+    def snapshots_moved(self) -> None:
+        """The snapshot table or the snapshots' L1 tables changed: the overlap map is built again."""
         self._map = None
 
     def begin_update(self) -> None:
@@ -357,6 +365,50 @@ class ImageMetadata:
                     self.data_file.trim(host, self.cluster_size)
             elif host:
                 self.refcounts.free(host >> self.cluster_bits, 1, discard)
+
+    def write_l1(self, entries: list[int]) -> None:
+        """Replace the whole active L1 table in place (same size; synced); nothing may be pending."""
+        if self.has_pending() or len(entries) != len(self.l1):
+            raise ValueError("write_l1: pending changes, or a table of another size")
+        raw = struct.pack(f">{len(entries)}Q", *entries)
+        self.check_write(self.header.l1_table_offset, len(raw), _IGNORE_L1)
+        self.file.write(self.header.l1_table_offset, raw)
+        self.file.flush()
+        self.l1[:] = entries  # the same list: readers hold it
+        self._map = None
+
+    # -- internal snapshots (the work is in .snapshots) ----------------------------------
+
+    def check_snapshot_action(self, action: str, ref: SnapshotRef | None = None) -> None:
+        """Would ``create``, ``delete`` or ``apply`` be refused?  OSError with QEMU's errno and words."""
+        if action == "create":
+            snapshot_ops.check_create(self)
+        elif action == "delete":
+            snapshot_ops.check_delete(self, ref)
+        else:
+            snapshot_ops.check_apply(self, ref)
+
+    def create_snapshot(self, name: bytes, date_sec: int, date_nsec: int) -> Snapshot:
+        """A disk-only snapshot of the active state; OSError with QEMU's errno when refused."""
+        return snapshot_ops.create(self, name, date_sec, date_nsec)
+
+    def delete_snapshot(self, ref: SnapshotRef) -> None:
+        snapshot_ops.delete(self, ref)
+
+    def apply_snapshot(self, ref: SnapshotRef) -> int:
+        """The active state becomes the snapshot's; returns the disk size it restores."""
+        return snapshot_ops.apply(self, ref)
+
+    def load_snapshot(self, index: int) -> int:
+        """Read-only view (QEMU's qcow2_snapshot_load_tmp): the snapshot's L1 table replaces
+        the active one in memory, nothing is written; returns the snapshot's disk size."""
+        sn = self.snapshots[index]
+        snapshot_ops.validate_l1(self, sn)
+        size = snapshot_ops.disk_size(self, sn)
+        self.l1[:] = snapshot_ops.read_l1(self, sn)  # the same list: readers hold it
+        self.l2_tables.clear()
+        self._map = None
+        return size
 
     def grow_l1(self, entries: int) -> None:
         """Copy the L1 table to a bigger place, switch the header to it, free the old one."""

@@ -148,7 +148,8 @@ class Refcounts:
             for i in range(first, first + n):
                 value = codec.get(blk, i) + delta
                 if value < 0 or value > self.max_refcount:
-                    raise OSError(errno.EIO, f"refcount of cluster {index * per + i} out of range ({value})")
+                    cluster_no = index * per + i  # EINVAL: QEMU's update_refcount
+                    raise OSError(errno.EINVAL, f"refcount of cluster {cluster_no} out of range ({value})")
                 a, b = codec.set(blk, i, value)
                 lo, hi = min(lo, a), max(hi, b)
                 if value == 0:

@@ -10,6 +10,7 @@ decides when and in which order they reach the file.
 
 from __future__ import annotations
 
+from ..format.snapshots import Snapshot, SnapshotRef
 from ..image import Qcow2Image
 from .allocate import DataWrites
 from .core import L2Update
@@ -51,6 +52,17 @@ class Qcow2Writer:
         self.meta.begin_update()
         self.meta.bitmaps.resize(size)
         self._resize.resize(size)
+
+    # Internal snapshots: the metadata owner does the work; the disk size follows an apply.
+
+    def create_snapshot(self, name: bytes, date_sec: int, date_nsec: int) -> Snapshot:
+        return self.meta.create_snapshot(name, date_sec, date_nsec)
+
+    def delete_snapshot(self, ref: SnapshotRef) -> None:
+        self.meta.delete_snapshot(ref)
+
+    def apply_snapshot(self, ref: SnapshotRef) -> None:
+        self.image.size = self.meta.apply_snapshot(ref) // 512 * 512
 
     def flush(self) -> None:
         self.meta.write_back()
