@@ -168,7 +168,7 @@ def test_kept_overlay_names(tmp_path: Path, oracle_tools: None):
     assert srv.exit_problem is None, srv.stderr()
 
 
-@pytest.mark.parametrize("clash", [["-r"], ["-s"], ["-B", "b0"], ["--offset", "512"]])
+@pytest.mark.parametrize("clash", [["-r"], ["-s"], ["-l", "s1"], ["-B", "b0"], ["--offset", "512"]])
 def test_client_overlays_refuse_options_that_do_not_fit(clash, tmp_path: Path, oracle_tools: None):
     gold = _golden(Recipe(tmp_path / "img"))
     argv = [sys.executable, "-m", "nbdserver", "--client-overlays", *clash, "-k", str(tmp_path / "s")]
