@@ -587,3 +587,47 @@ def test_starttls_then_everything_negotiated_before_is_forgotten(tls_hs):
 def test_starttls_without_tls_configured_is_policy(hs):
     step, replies = option(hs, Opt.STARTTLS)
     assert replies[0][0] == Rep.ERR_POLICY and not step.start_tls
+
+
+# --- per-client exports (--client-overlays): GO waits for the client's own disk ----------------
+
+
+def _per_client_hs(export) -> Handshake:
+    template = Export("farm", export.disk, per_client=True, multi_conn=False)
+    h = Handshake({"farm": template})
+    h.feed(struct.pack(">I", 3))
+    return h
+
+
+def test_go_to_a_per_client_export_asks_for_its_disk_before_replying(export):
+    h = _per_client_hs(export)
+    step, replies = option(h, Opt.GO, info_data("farm"))
+    assert step.attach and step.result is not None and step.result.export.name == "farm"
+    assert replies[-1] == (Rep.ACK, b"") and h.need == 0
+    assert not step.result.transmission_flags & TFlag.CAN_MULTI_CONN  # each client its own disk
+
+
+def test_a_failed_attach_answers_go_with_the_reason_and_options_go_on(export):
+    h = _per_client_hs(export)
+    option(h, Opt.GO, info_data("farm"))
+    step = h.attach_failed("overlay 'farm' is in use by another client")
+    assert step.result is None and not step.attach and len(step.replies) == 1
+    magic, opt, rep, length = struct.unpack(">QIII", step.replies[0][:20])
+    assert (opt, rep) == (Opt.GO, Rep.ERR_UNKNOWN)
+    assert step.replies[0][20:] == b"overlay 'farm' is in use by another client"
+    assert h.need == 16  # the next option header
+    step, replies = option(h, Opt.INFO, info_data("farm"))
+    assert replies[-1] == (Rep.ACK, b"")
+
+
+def test_a_failed_attach_after_export_name_drops_the_client(export):
+    h = _per_client_hs(export)
+    step, _ = option(h, Opt.EXPORT_NAME, b"farm")
+    assert step.attach
+    with pytest.raises(ProtocolError, match="in use"):
+        h.attach_failed("in use")
+
+
+def test_ordinary_exports_need_no_attach(hs):
+    step, _ = option(hs, Opt.GO, info_data(""))
+    assert not step.attach
