@@ -68,9 +68,15 @@ def _probe(file: HostFile) -> str:
 
 
 def open_layer(
-    filename: str, fmt: str | None = None, writable: bool = False, opener: FileOpener = HostFile
+    filename: str,
+    fmt: str | None = None,
+    writable: bool = False,
+    opener: FileOpener = HostFile,
+    *,
+    backing: bool = True,
 ) -> Layer:
-    """One image as a layer, its backing chain under it.
+    """One image as a layer, its backing chain under it (none without ``backing``: QEMU's
+    BDRV_O_NO_BACKING, for work on the image's own metadata).
 
     The format probe reads through the same file as the image, as QEMU's
     does, so the page cache sees QEMU's access pattern.
@@ -81,7 +87,7 @@ def open_layer(
     if fmt == "raw":
         return file
     if fmt == "qcow2":
-        return open_qcow2(filename, file, writable, opener=opener)
+        return open_qcow2(filename, file, writable, opener=opener, backing=backing)
     file.close()
     raise ValueError(f"unknown image format {fmt!r} (expected qcow2 or raw)")
 
@@ -181,7 +187,12 @@ def read_cluster0(file: HostFile) -> bytes:
 
 
 def open_qcow2(
-    filename: str, file: HostFile, writable: bool = False, depth: int = 0, opener: FileOpener = HostFile
+    filename: str,
+    file: HostFile,
+    writable: bool = False,
+    depth: int = 0,
+    opener: FileOpener = HostFile,
+    backing: bool = True,
 ) -> Qcow2Image:
     """A qcow2 image over ``file``, with its data file and backing chain.
 
@@ -192,7 +203,7 @@ def open_qcow2(
     if depth > MAX_CHAIN_DEPTH:
         file.close()
         raise ImageError(f"{filename}: backing chain deeper than {MAX_CHAIN_DEPTH} (a loop?)")
-    data_file = backing = None
+    data_file = below = None
     try:
         header = parse_header(read_cluster0(file), filename)
         if writable and header.corrupt:
@@ -202,13 +213,14 @@ def open_qcow2(
             raise ImageError(f"{filename}: {meta.bitmaps.error}")
         data_file = _open_data_file(filename, header, writable, opener)
         meta.data_file = data_file
-        backing = _open_backing(filename, header, depth, opener)
-        return Qcow2Image(filename, meta, data_file, backing)
+        if backing:
+            below = _open_backing(filename, header, depth, opener)
+        return Qcow2Image(filename, meta, data_file, below)
     except BaseException:
         for layer in (file, data_file):
             if layer is not None:
                 layer.close()
-        close_chain(backing)
+        close_chain(below)
         raise
 
 

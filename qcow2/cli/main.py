@@ -1,4 +1,4 @@
-"""The ``qcow2`` command line: ``map``, ``info``, ``check``, ``create``, ``resize``."""
+"""The ``qcow2`` command line: ``map``, ``info``, ``check``, ``create``, ``resize``, ``bitmap``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from ..check import FIX_ERRORS, FIX_LEAKS, run_check_command
 from ..create import parse_size, run_create
 from ..errors import ImageError
 from ..opening import open_disk, open_layer, probe_format
+from . import bitmap
 from .info import format_info, image_info
 from .map import format_human, format_json, map_entries
 
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("image")
     r.add_argument("size", help="new size, or +SIZE / -SIZE")
     r.set_defaults(func=_cmd_resize)
+    bitmap.add_parser(sub)
     return p
 
 
