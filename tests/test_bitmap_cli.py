@@ -206,6 +206,7 @@ REFUSALS = [  # (qemu-img create options, size, options, bitmap name or None)
     ((), "64M", (), "b0"),
     ((), "64M", ("--add",), None),
     ((), "64M", ("-g", "64k", "--remove"), "b0"),
+    ((), "64M", ("-g", "many"), "b0"),  # the option parsed before the other checks
     ((), "64M", ("-F", "qcow2", "--merge", "b0"), "b0"),
     ((), "64M", ("-b", "x.qcow2", "--add"), "b1"),
 ]

@@ -53,9 +53,9 @@ def run_bitmap(args: argparse.Namespace) -> int:
     """qemu-img's img_bitmap: the command line checked in its order, then the operations."""
     actions: list[tuple[str, str | None]] = args.actions or []
     kinds = {kind for kind, _ in actions}
+    granularity = _granularity(args.granularity)  # parsed with the options, before any check
     if not actions:
         raise ValueError("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge")
-    granularity = _granularity(args.granularity)
     if granularity and "add" not in kinds:
         raise ValueError("granularity only supported with --add")
     if args.source_format and not args.source_file:
