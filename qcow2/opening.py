@@ -69,9 +69,15 @@ def _probe(file: HostFile) -> str:
 
 
 def open_layer(
-    filename: str, fmt: str | None = None, writable: bool = False, opener: FileOpener = HostFile
+    filename: str,
+    fmt: str | None = None,
+    writable: bool = False,
+    opener: FileOpener = HostFile,
+    *,
+    backing: bool = True,
 ) -> Layer:
-    """One image as a layer, its backing chain under it.
+    """One image as a layer, its backing chain under it (none without ``backing``: QEMU's
+    BDRV_O_NO_BACKING, for work on the image's own metadata).
 
     The format probe reads through the same file as the image, as QEMU's
     does, so the page cache sees QEMU's access pattern.
@@ -82,7 +88,7 @@ def open_layer(
     if fmt == "raw":
         return file
     if fmt == "qcow2":
-        return open_qcow2(filename, file, writable, opener=opener)
+        return open_qcow2(filename, file, writable, opener=opener, backing=backing)
     file.close()
     raise ValueError(f"unknown image format {fmt!r} (expected qcow2 or raw)")
 
@@ -244,20 +250,22 @@ def open_qcow2(
     writable: bool = False,
     depth: int = 0,
     opener: FileOpener = HostFile,
+    backing: bool = True,
     backing_layer: Layer | None = None,
 ) -> Qcow2Image:
     """A qcow2 image over ``file``, with its data file and backing chain.
 
     Reads happen in QEMU's order and sizes (header page, L1, refcount table,
     snapshots, bitmaps, then the backing file): the kernel's readahead then
-    caches the same pages QEMU's would.  ``backing_layer``: an open layer to
-    use as the backing chain instead of opening the one the header names
+    caches the same pages QEMU's would.  ``backing``: false leaves the chain
+    closed (tools that change only this file); ``backing_layer``: an open layer
+    to use as the backing chain instead of opening the one the header names
     (left open if this fails).
     """
     if depth > MAX_CHAIN_DEPTH:
         file.close()
         raise ImageError(f"{filename}: backing chain deeper than {MAX_CHAIN_DEPTH} (a loop?)")
-    data_file = backing = None
+    data_file = below = None
     try:
         header = parse_header(read_cluster0(file), filename)
         if writable and header.corrupt:
@@ -268,15 +276,15 @@ def open_qcow2(
         data_file = _open_data_file(filename, header, writable, opener)
         meta.data_file = data_file
         if backing_layer is not None:
-            backing = backing_layer
-        else:
-            backing = _open_backing(filename, header, depth, opener)
-        return Qcow2Image(filename, meta, data_file, backing)
+            below = backing_layer
+        elif backing:
+            below = _open_backing(filename, header, depth, opener)
+        return Qcow2Image(filename, meta, data_file, below)
     except BaseException:
         for layer in (file, data_file):
             if layer is not None:
                 layer.close()
-        close_chain(backing, backing_layer)
+        close_chain(below, backing_layer)
         raise
 
 

@@ -3,7 +3,8 @@
 The output format is our own; only facts that both tools state are compared:
 format, virtual size, cluster size, backing file name/format and where it
 resolves to, dirty flag, and the qcow2 specifics (compat, refcount bits,
-extended L2, compression type, lazy refcounts, corrupt, data file).
+extended L2, compression type, lazy refcounts, corrupt, data file, the
+persistent bitmaps).  The bitmaps are also printed in qemu-img's own layout.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import pytest
 from images import CASES
 from servers import PYTHON, run
+from test_bitmaps import start, stop
 
 TOP_KEYS = (
     "format",
@@ -33,6 +35,7 @@ QCOW2_KEYS = (
     "corrupt",
     "data-file",
     "data-file-raw",
+    "bitmaps",
 )
 
 
@@ -103,3 +106,46 @@ def test_info_human_states_the_facts(name, case_image):
     expected.append(data["compat"])
     missing = [e for e in expected if not re.search(r"(?<![\w.])" + re.escape(e) + r"(?![\w])", text)]
     assert not missing, f"ours does not state {missing}:\n{text}\n--- qemu-img info:\n{ref.out}"
+
+
+def _bitmaps_block(text: str) -> list[str]:
+    """The lines of the "bitmaps:" entry of a human info (up to the next entry of its level)."""
+    lines = text.splitlines()
+    start = lines.index("    bitmaps:")
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("        ")), len(lines))
+    return lines[start:end]
+
+
+def test_bitmaps_are_listed_as_qemu_img_lists_them(tmp_path, oracle_tools):
+    """Enabled, disabled and in-use bitmaps of several granularities: the JSON list and
+    the indented text, flags in QEMU's order."""
+    image = tmp_path / "b.qcow2"
+    cwd = tmp_path
+    for argv in (
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"],
+        ["qemu-img", "bitmap", "--add", str(image), "left-in-use"],
+    ):
+        assert run(argv, cwd).rc == 0
+    _, pid = start("qemu", image)
+    stop(pid, 9)  # killed while writable: the bitmap stays in use
+    for argv in (
+        ["qemu-img", "bitmap", "--add", "-g", "512", str(image), "fine"],
+        ["qemu-img", "bitmap", "--add", "-g", "2M", "--disable", str(image), "off"],
+    ):
+        assert run(argv, cwd).rc == 0
+    ref = run(["qemu-img", "info", "--output=json", str(image)], cwd)
+    ours = run([PYTHON, "-m", "qcow2", "info", "--output=json", str(image)], cwd)
+    listed = json.loads(ref.out)["format-specific"]["data"]["bitmaps"]
+    assert [b["flags"] for b in listed] == [["in-use", "auto"], ["auto"], []]
+    assert json.loads(ours.out)["format-specific"]["data"]["bitmaps"] == listed
+    ref = run(["qemu-img", "info", str(image)], cwd)
+    ours = run([PYTHON, "-m", "qcow2", "info", str(image)], cwd)
+    assert _bitmaps_block(ours.out) == _bitmaps_block(ref.out), ours.out
+
+
+def test_an_image_without_bitmaps_lists_none(tmp_path, oracle_tools):
+    image = tmp_path / "n.qcow2"
+    assert run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], tmp_path).rc == 0
+    for argv in (["qemu-img", "info"], [PYTHON, "-m", "qcow2", "info"]):
+        out = run([*argv, "--output=json", str(image)], tmp_path).out
+        assert "bitmaps" not in json.loads(out)["format-specific"]["data"]

@@ -1,8 +1,28 @@
-"""``qcow2 info``: what an image is, with qemu-img info's field names where they exist."""
+"""``qcow2 info``: what an image is, with qemu-img info's field names where they exist.
+
+The persistent bitmaps are listed as qemu-img info lists them (name,
+granularity, flags ``in-use`` and ``auto`` as the directory has them), in
+JSON and, nested values in qemu-img's indented layout, in the text.
+"""
 
 from __future__ import annotations
 
+from ..format.bitmaps import BME_FLAG_AUTO, BME_FLAG_IN_USE
 from ..hostfile import HostFile
+
+_BITMAP_FLAGS = ((BME_FLAG_IN_USE, "in-use"), (BME_FLAG_AUTO, "auto"))  # QEMU's order
+
+
+def bitmaps_info(layer) -> list[dict]:
+    """qemu-img info's ``bitmaps`` list (empty when the image has none)."""
+    return [
+        {
+            "flags": [name for flag, name in _BITMAP_FLAGS if b.entry.flags & flag],
+            "name": b.name,
+            "granularity": 1 << b.entry.granularity_bits,
+        }
+        for b in layer.meta.bitmaps.bitmaps
+    ]
 
 
 def layer_info(layer) -> dict:
@@ -28,11 +48,15 @@ def layer_info(layer) -> dict:
         "version": h.version,
         "compression-type": "zstd" if h.compression_type else "zlib",
         "lazy-refcounts": h.lazy_refcounts,
+    }
+    bitmaps = bitmaps_info(layer)
+    if bitmaps:
+        specific["bitmaps"] = bitmaps
+    specific |= {
         "refcount-bits": 1 << h.refcount_order,
         "corrupt": h.corrupt,
         "extended-l2": h.extended_l2,
         "snapshots": h.nb_snapshots,
-        "bitmaps": h.bitmaps["nb_bitmaps"] if h.bitmaps else 0,
         "incompatible-features": h.incompatible_features,
         "compatible-features": h.compatible_features,
         "autoclear-features": h.autoclear_features,
@@ -88,9 +112,23 @@ def format_info(chain: list[dict]) -> str:
         spec = info.get("format-specific", {}).get("data")
         if spec:
             lines.append("Format specific information:")
-            lines += [f"    {k}: {_v(v)}" for k, v in spec.items()]
+            for k, v in spec.items():
+                lines += _dump(k, v, 1)
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
+
+
+def _dump(key: str, value, depth: int) -> list[str]:
+    """One value as qemu-img prints it: lists and objects nested, four spaces a level,
+    list items as ``[i]:``."""
+    pad = "    " * depth
+    if isinstance(value, list):
+        items = [(f"[{i}]", v) for i, v in enumerate(value)]
+    elif isinstance(value, dict):
+        items = list(value.items())
+    else:
+        return [f"{pad}{key}: {_v(value)}"]
+    return [f"{pad}{key}:"] + [line for k, v in items for line in _dump(k, v, depth + 1)]
 
 
 def _v(v) -> str:

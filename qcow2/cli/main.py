@@ -1,4 +1,5 @@
-"""The ``qcow2`` command line: ``map``, ``info``, ``check``, ``create``, ``resize``, ``snapshot``."""
+"""The ``qcow2`` command line: ``map``, ``info``, ``check``, ``create``, ``resize``, ``snapshot``,
+``bitmap``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ..check import FIX_ERRORS, FIX_LEAKS, run_check_command
 from ..create import parse_size, run_create
 from ..errors import ImageError
 from ..opening import open_disk, open_layer, probe_format
+from . import bitmap
 from .info import format_info, image_info
 from .map import format_human, format_json, map_entries
 from .snapshot import SnapshotCommandError, run_snapshot
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="accepted for qemu-img compatibility")
     s.add_argument("image")
     s.set_defaults(func=_cmd_snapshot)
+    bitmap.add_parser(sub)
     return p
 
 

@@ -74,6 +74,22 @@ class BitmapEntry:
         return None
 
 
+def new_bitmap_problem(name: bytes, granularity_bits: int, disk_size: int, cluster_size: int) -> str | None:
+    """Why QEMU's check_constraints_on_bitmap refuses a new bitmap of this image, or None
+    (QEMU's words)."""
+    if granularity_bits > BME_MAX_GRANULARITY_BITS:
+        return f"Granularity exceeds maximum ({1 << BME_MAX_GRANULARITY_BITS} bytes)"
+    if granularity_bits < BME_MIN_GRANULARITY_BITS:
+        return f"Granularity is under minimum ({1 << BME_MIN_GRANULARITY_BITS} bytes)"
+    granules = -(-disk_size >> granularity_bits)
+    needed = -(-granules // 8)  # bytes of bits
+    if needed > BME_MAX_PHYS_SIZE or needed > BME_MAX_TABLE_SIZE * cluster_size:
+        return "Too much space will be occupied by the bitmap. Use larger granularity"
+    if len(name) > BME_MAX_NAME_SIZE:
+        return f"Name length exceeds maximum ({BME_MAX_NAME_SIZE} characters)"
+    return None
+
+
 def entry_size(name_size: int, extra_data_size: int = 0) -> int:
     return (L.BITMAP_ENTRY_FIXED_SIZE + extra_data_size + name_size + 7) & ~7
 

@@ -1,8 +1,10 @@
 """Cluster 0: the header, its extensions and the backing name, parsed and built.
 
 :func:`parse_header` reads what an image says and refuses what we cannot
-serve safely; :func:`build_header` writes cluster 0 of a new image the way
-QEMU's ``qcow2_update_header`` lays it out.  Both work on bytes only.
+serve safely; :func:`build_header` writes cluster 0 the way QEMU's
+``qcow2_update_header`` lays it out, for a new image or (through
+:func:`rebuild_header`) for an existing one whose extensions change.  Both
+work on bytes only.
 """
 
 from __future__ import annotations
@@ -277,8 +279,13 @@ def build_header(
     backing_file: str | None,
     backing_format: str | None,
     data_file: str | None,
+    nb_snapshots: int = 0,
+    snapshots_offset: int = 0,
+    bitmaps: dict | None = None,
+    unknown_extensions: list[tuple[int, bytes]] | tuple = (),
 ) -> bytes:
-    """Cluster 0 as QEMU's qcow2_update_header writes it (extensions in QEMU's order).
+    """Cluster 0 as QEMU's qcow2_update_header writes it (extensions in QEMU's order:
+    backing format, data file, feature table, bitmaps, then those it does not know, kept).
 
     Raises :class:`HeaderTooLarge` when it does not fit in one cluster.
     """
@@ -294,8 +301,8 @@ def build_header(
         "l1_table_offset": l1_offset,
         "refcount_table_offset": reftable_offset,
         "refcount_table_clusters": reftable_clusters,
-        "nb_snapshots": 0,
-        "snapshots_offset": 0,
+        "nb_snapshots": nb_snapshots,
+        "snapshots_offset": snapshots_offset,
     }
     body = bytearray()
     if version >= 3:
@@ -319,6 +326,10 @@ def build_header(
             for (kind, bit), name in _FEATURE_TABLE
         )
         body += _extension(L.EXT_FEATURE_TABLE, table)
+    if bitmaps is not None:
+        body += _extension(L.EXT_BITMAPS, L.BitmapsExtension.build({**bitmaps, "reserved": 0}))
+    for kind, data in unknown_extensions:
+        body += _extension(kind, data)
     body += _extension(L.EXT_END, b"")
     if backing_file is not None:
         name = os.fsencode(backing_file)
@@ -329,3 +340,31 @@ def build_header(
     if len(out) > cs:
         raise HeaderTooLarge("cluster 0 cannot hold the header and the backing file name")
     return out + bytes(cs - len(out))
+
+
+def rebuild_header(h: Header) -> bytes:
+    """Cluster 0 of an existing image written again from ``h``, as QEMU rewrites it whenever
+    the header changes shape (the bitmaps extension appearing or going): QEMU's own
+    header length and feature table; the bitmaps extension when ``h.bitmaps`` has bitmaps."""
+    bitmaps = h.bitmaps if h.bitmaps and h.bitmaps["nb_bitmaps"] else None
+    return build_header(
+        version=h.version,
+        cluster_bits=h.cluster_bits,
+        size=h.size,
+        l1_size=h.l1_size,
+        l1_offset=h.l1_table_offset,
+        reftable_offset=h.refcount_table_offset,
+        reftable_clusters=h.refcount_table_clusters,
+        incompatible=h.incompatible_features,
+        compatible=h.compatible_features,
+        autoclear=h.autoclear_features,
+        refcount_order=h.refcount_order,
+        compression_type=h.compression_type,
+        backing_file=h.backing_file,
+        backing_format=h.backing_format,
+        data_file=h.data_file,
+        nb_snapshots=h.nb_snapshots,
+        snapshots_offset=h.snapshots_offset,
+        bitmaps=bitmaps,
+        unknown_extensions=h.unknown_extensions,
+    )

@@ -9,6 +9,11 @@ the enabled ones, and a clean close stores them: new data clusters (only
 where a bit is set), new tables, a new directory, the header extension,
 and only then the old clusters freed.
 
+Offline edits (``qcow2 bitmap``, as ``qemu-img bitmap``) change the list in
+memory -- :meth:`PersistentBitmaps.create`, :meth:`~PersistentBitmaps.discard`,
+and a bitmap's bits and ``enabled`` -- and reach the file at the same close,
+removals first, as QEMU writes them.
+
 The bits of a bitmap: bit ``i`` covers guest bytes ``i << granularity_bits``
 up to the next granule, least significant bit of each byte first, in whole
 64-bit words -- the on-disk layout, so a cluster of the table is a slice.
@@ -55,6 +60,7 @@ class BitmapOwner(Protocol):
 
 
 MAX_BITMAP_MEMORY = 1 << 30  # bytes of bits held for one image, all bitmaps together
+_TOO_BIG = f"bitmaps need more than {MAX_BITMAP_MEMORY >> 20} MiB of memory"
 _NOT_CLEAR = re.compile(rb"[^\x00]")
 
 
@@ -75,13 +81,14 @@ def set_bits(bits: bytearray, first: int, end: int) -> None:
 class DirtyBitmap:
     """One persistent bitmap: its directory entry, and its bits when consistent."""
 
-    __slots__ = ("entry", "table", "bits", "size")
+    __slots__ = ("entry", "table", "bits", "size", "enabled")
 
     def __init__(self, entry: BitmapEntry, table: tuple[int, ...], bits: bytearray | None, size: int) -> None:
-        self.entry = entry
+        self.entry = entry  # as the directory on disk has it (table_offset 0: not stored yet)
         self.table = table  # the table on disk (what a store frees)
         self.bits = bits  # None: inconsistent (in use at open)
         self.size = size  # guest bytes covered
+        self.enabled = entry.auto  # records writes; stored as the auto flag
 
     @property
     def name(self) -> str:
@@ -92,8 +99,8 @@ class DirtyBitmap:
         return self.bits is None
 
     @property
-    def enabled(self) -> bool:
-        return self.entry.auto
+    def on_disk(self) -> bool:
+        return self.entry.table_offset != 0
 
     def mark(self, offset: int, length: int) -> None:
         """Guest bytes ``offset .. offset+length`` changed."""
@@ -110,6 +117,7 @@ class PersistentBitmaps:
         self.bitmaps: list[DirtyBitmap] = []
         self.error: str | None = None  # why QEMU would refuse to open the image, if it would
         self.recording: list[DirtyBitmap] = []  # enabled and consistent, while the image is written
+        self.removed: list[DirtyBitmap] = []  # stored ones discarded since the open, in order
         self.writing = False
 
     # -- open -------------------------------------------------------------------------
@@ -145,7 +153,7 @@ class PersistentBitmaps:
                 return
             budget -= size
             if budget < 0:
-                self.error = f"bitmaps need more than {MAX_BITMAP_MEMORY >> 20} MiB of memory"
+                self.error = _TOO_BIG
                 return
             self.bitmaps.append(DirtyBitmap(entry, table, self._read_bits(entry, table, size), h.size))
 
@@ -170,6 +178,32 @@ class PersistentBitmaps:
     def find(self, name: str) -> DirtyBitmap | None:
         wanted = name.encode("utf-8")
         return next((b for b in self.bitmaps if b.entry.name == wanted), None)
+
+    # -- offline edits (in memory until the store) --------------------------------------
+
+    def create(self, name: str, granularity_bits: int, enabled: bool) -> DirtyBitmap:
+        """A new bitmap, all clean, last in the directory (the caller checked QEMU's rules)."""
+        size = self.meta.header.size
+        held = sum(len(b.bits) for b in self.bitmaps if b.bits is not None)
+        data = bitmap_data_size(size, granularity_bits)
+        if held + data > MAX_BITMAP_MEMORY:
+            raise OSError(errno.ENOMEM, _TOO_BIG)
+        entry = BitmapEntry(0, 0, BME_FLAG_AUTO if enabled else 0, granularity_bits, name.encode("utf-8"))
+        bitmap = DirtyBitmap(entry, (), bytearray(data), size)
+        self.bitmaps.append(bitmap)
+        return bitmap
+
+    def discard(self, bitmap: DirtyBitmap) -> None:
+        """Out of the list; a stored one leaves the file (and frees its clusters) at the store."""
+        self.bitmaps.remove(bitmap)
+        if bitmap.on_disk:
+            self.removed.append(bitmap)
+
+    def start_editing(self) -> None:
+        """Offline edits are stored at close.  Unlike an open for guest writes nothing is
+        marked in use first: no guest data changes, and until the new directory is
+        written the old one stays valid, so a crash leaves the old bitmaps, consistent."""
+        self.writing = True
 
     # -- writing ----------------------------------------------------------------------
 
@@ -223,12 +257,18 @@ class PersistentBitmaps:
         meta = self.meta
         if not self.writing or meta.corrupt:
             return
+        removed, self.removed = self.removed, []
+        for i, gone in enumerate(removed):  # QEMU removes at once: directory, header, frees
+            left = [b.entry for b in self.bitmaps if b.on_disk] + [b.entry for b in removed[i + 1 :]]
+            self._write_directory(left)
+            self._free_table(gone.entry, gone.table if not gone.inconsistent else None)
         stored = [b for b in self.bitmaps if not b.inconsistent]
         if not stored:
+            self.writing = False
             return
         cs, cbits = meta.cluster_size, meta.cluster_bits
         refs = meta.refcounts
-        drop: list[tuple[int, int, tuple[int, ...]]] = []  # old (table offset, entries, table)
+        drop: list[tuple[BitmapEntry, tuple[int, ...]]] = []  # old entries and tables
         size = meta.header.size
         for b in stored:
             tb_size = bitmap_table_size(size, b.entry.granularity_bits, cs)
@@ -246,33 +286,48 @@ class PersistentBitmaps:
             tb_offset = refs.alloc(clusters) << cbits
             meta.check_write(tb_offset, tb_size * 8)
             meta.file.write(tb_offset, b"".join(L.U64.pack(v) for v in table))
-            drop.append((b.entry.table_offset, b.entry.table_size, b.table))
+            if b.on_disk:
+                drop.append((b.entry, b.table))
             flags = BME_FLAG_AUTO if b.enabled else 0
             b.entry = b.entry.with_(table_offset=tb_offset, table_size=tb_size, flags=flags)
             b.table = tuple(table)
-        self._write_directory()
-        for offset, entries, table in drop:
-            for value in table:
-                if value & L.BME_OFFSET_MASK:
-                    refs.free((value & L.BME_OFFSET_MASK) >> cbits, 1, True)
-            refs.free(offset >> cbits, -(-entries * 8 // cs))
+        self._write_directory([b.entry for b in self.bitmaps])
+        for entry, table in drop:
+            self._free_table(entry, table)
         self.writing = False
         self.recording = []
 
-    def _write_directory(self) -> None:
-        """QEMU's update_ext_header_and_dir: a new directory, synced, the header pointed at it,
-        then the old directory freed."""
+    def _write_directory(self, entries: list[BitmapEntry]) -> None:
+        """QEMU's update_ext_header_and_dir: a new directory, synced, the header pointed at it
+        (no directory and no extension when no bitmap is left), then the old directory freed."""
         meta, h = self.meta, self.meta.header
         cs, cbits = meta.cluster_size, meta.cluster_bits
         refs = meta.refcounts
-        old_offset, old_size = h.bitmaps["bitmap_directory_offset"], h.bitmaps["bitmap_directory_size"]
-        directory = build_bitmap_directory([b.entry for b in self.bitmaps])
-        offset = refs.alloc(-(-len(directory) // cs)) << cbits
-        meta.check_write(offset, len(directory))
-        meta.file.write(offset, directory)
-        refs.write_dirty()
-        meta.file.flush()
-        meta.set_bitmaps_extension(len(self.bitmaps), len(directory), offset)
+        old_offset, old_size = 0, 0
+        if h.bitmaps and h.autoclear_features & L.AUTOCLEAR_BITMAPS:
+            old_offset, old_size = h.bitmaps["bitmap_directory_offset"], h.bitmaps["bitmap_directory_size"]
+        directory, offset = build_bitmap_directory(entries), 0
+        if entries:
+            offset = refs.alloc(-(-len(directory) // cs)) << cbits
+            meta.check_write(offset, len(directory))
+            meta.file.write(offset, directory)
+            refs.write_dirty()
+            meta.file.flush()
+        meta.set_bitmaps_extension(len(entries), len(directory), offset)
         if old_size:
             refs.free(old_offset >> cbits, -(-(old_offset % cs + old_size) // cs))
         meta.bitmaps_moved()
+
+    def _free_table(self, entry: BitmapEntry, table: tuple[int, ...] | None) -> None:
+        """QEMU's free_bitmap_clusters: the data clusters, then the table.  ``table`` None: read
+        it from the file (an inconsistent bitmap's); one QEMU would not load is left (a leak)."""
+        meta = self.meta
+        cs, cbits = meta.cluster_size, meta.cluster_bits
+        if table is None:
+            table = decode_bitmap_table(meta.file.pread(entry.table_offset, entry.table_size * 8))
+            if not all(table_entry_valid(v, cs) for v in table):
+                return
+        for value in table:
+            if value & L.BME_OFFSET_MASK:
+                meta.refcounts.free((value & L.BME_OFFSET_MASK) >> cbits, 1, True)
+        meta.refcounts.free(entry.table_offset >> cbits, -(-entry.table_size * 8 // cs))

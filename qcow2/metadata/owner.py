@@ -29,10 +29,11 @@ import dataclasses
 import errno
 import logging
 import struct
+from dataclasses import replace
 
 from ..errors import CorruptImageError
 from ..format import layout as L
-from ..format.header import Header
+from ..format.header import Header, parse_header, rebuild_header
 from ..format.l2 import COMPRESSED, NORMAL, ZERO_ALLOCATED, L2Layout, L2Table
 from ..format.snapshots import Snapshot, SnapshotRef, SnapshotTableError, walk_snapshot_table
 from ..hostfile import HostFile
@@ -174,21 +175,41 @@ class ImageMetadata:
         self.bitmaps.start_writing()
 
     def set_bitmaps_extension(self, nb_bitmaps: int, directory_size: int, directory_offset: int) -> None:
-        """Point the bitmaps header extension at a new directory (synced)."""
+        """Point the bitmaps header extension at a new directory (synced), as QEMU's
+        update_ext_header_and_dir: the autoclear bit set with bitmaps, cleared without.
+
+        An extension already there is rewritten in place; one that appears (the
+        first bitmap) or goes (the last one removed) changes the shape of the
+        header, which is then written again whole, as qcow2_update_header does.
+        """
         h = self.header
-        data = L.BitmapsExtension.build(
-            {
-                "nb_bitmaps": nb_bitmaps,
-                "reserved": 0,
-                "bitmap_directory_size": directory_size,
-                "bitmap_directory_offset": directory_offset,
-            }
+        fields = {
+            "nb_bitmaps": nb_bitmaps,
+            "reserved": 0,
+            "bitmap_directory_size": directory_size,
+            "bitmap_directory_offset": directory_offset,
+        }
+        if nb_bitmaps and h.bitmaps and h.autoclear_features & L.AUTOCLEAR_BITMAPS:
+            self.file.write(h.bitmaps_extension_offset, L.BitmapsExtension.build(fields))
+            self.file.flush()
+            h.bitmaps.update(fields)
+            return
+        bit = L.AUTOCLEAR_BITMAPS if nb_bitmaps else 0
+        self.rewrite_header(
+            bitmaps=fields if nb_bitmaps else None,
+            autoclear_features=(h.autoclear_features & ~L.AUTOCLEAR_BITMAPS) | bit,
         )
-        self.file.write(h.bitmaps_extension_offset, data)
+
+    def rewrite_header(self, **changes: object) -> None:
+        """Cluster 0 written again whole with ``changes`` (synced); the header in memory is
+        the one parsed back from it (where its extensions now are included)."""
+        new = replace(self.header, **changes)
+        raw = rebuild_header(new)
+        parsed = parse_header(raw, self.filename)
+        self.file.write(0, raw)
         self.file.flush()
-        h.bitmaps["nb_bitmaps"] = nb_bitmaps
-        h.bitmaps["bitmap_directory_size"] = directory_size
-        h.bitmaps["bitmap_directory_offset"] = directory_offset
+        self.header.__dict__.update(parsed.__dict__)
+        self._map = None
 
     def bitmaps_moved(self) -> None:
         """The bitmap directory or tables moved: the overlap map is built again."""
