@@ -30,8 +30,11 @@ VENV=${VENV:-$ROOT/.venv}
 #   ca-certificates pip talks HTTPS to PyPI
 #   openssl         the TLS tests make their CA and certificates with it
 #   systemd         systemd-socket-activate and systemd-analyze for the systemd tests
+#   qemu-system-x86 QEMU's iotests (tests/qemu_iotests.py): the VM some NBD tests start, and
+#                   qemu-storage-daemon (from qemu-system-common)
+#   dpkg-dev        dpkg-source, with which apt-get source unpacks QEMU's iotests
 APT_PACKAGES=(qemu-utils libnbd-bin file python3-libnbd python3-venv fio nbdkit util-linux ca-certificates openssl
-              systemd)
+              systemd qemu-system-x86 dpkg-dev)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
