@@ -49,6 +49,14 @@ log = logging.getLogger("nbdserver")
 DEFAULT_PORT = 10809
 
 
+PROBED_RAW_WARNING = (
+    "WARNING: Image format was not specified for '{file}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, "
+    "write operations on block 0 will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions."
+)
+
+
 class StartupError(Exception):
     """Start-up failed for a reason the user can fix; printed as one line."""
 
@@ -364,6 +372,9 @@ def open_export(spec: ExportSpec, args: argparse.Namespace) -> Export:
     except Exception as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise StartupError(f"cannot open {spec.file}: {msg}") from None
+    if spec.fmt is None and not spec.read_only and isinstance(getattr(disk, "top", None), HostFile):
+        # QEMU's raw driver says this whenever it opens a probed raw image writable; so do we.
+        print(PROBED_RAW_WARNING.format(file=spec.file), file=sys.stderr, flush=True)
     if args.offset:
         from qcow2.window import DiskWindow
 

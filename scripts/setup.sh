@@ -31,7 +31,8 @@ VENV=${VENV:-$ROOT/.venv}
 #   openssl         the TLS tests make their CA and certificates with it
 #   systemd         systemd-socket-activate and systemd-analyze for the systemd tests
 # and for the VM-boot test (tests/test_vm_boot.py builds a bootable disk, boots it from the server):
-#   qemu-system-x86 the guest machine, run under TCG (SeaBIOS comes with it)
+#   qemu-system-x86 the guest machine, run under TCG (SeaBIOS comes with it); also what QEMU's
+#                   iotests start (tests/qemu_iotests.py), and qemu-storage-daemon
 #   busybox-static  the guest's whole userland: one static binary, in the initramfs and on the root
 #   syslinux        the boot loader, installed into the FAT partition's image file through mtools
 #   syslinux-common syslinux's MBR code and ldlinux
@@ -41,9 +42,11 @@ VENV=${VENV:-$ROOT/.venv}
 # and for the Docker test (tests/test_docker.py builds the Dockerfile and runs the image):
 #   docker.io       the Docker engine (dockerd) and client; the test starts dockerd if none runs
 #   debootstrap     a Debian base image for the Dockerfile when no image registry answers
+# and for QEMU's iotests (tests/qemu_iotests.py):
+#   dpkg-dev        dpkg-source, with which apt-get source unpacks QEMU's iotests
 APT_PACKAGES=(qemu-utils libnbd-bin file python3-libnbd python3-venv fio nbdkit util-linux ca-certificates openssl
               systemd qemu-system-x86 busybox-static syslinux syslinux-common mtools dosfstools e2fsprogs
-              docker.io debootstrap)
+              docker.io debootstrap dpkg-dev)
 # The VM-boot test's guest kernel: the package linux-image-cloud-amd64 points to (virtio and ext4,
 # small), downloaded as a .deb into VM_DEBS and never installed: installing a kernel would run
 # initramfs and boot-loader hooks on this machine.

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=120)
+def sh(*argv: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=120, cwd=cwd)
 
 
 def start(kind: str, image: Path, *opts: str) -> tuple[str, int]:
@@ -33,9 +33,17 @@ def stop(pid: int) -> None:
     gone(pid)
 
 
+def zombie(pid: int) -> bool:
+    """Exited, but nobody reaps it (a daemon whose new parent, pid 1, does not wait)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
 def gone(pid: int, timeout: float = 30) -> bool:
     deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists():
+    while Path(f"/proc/{pid}").exists() and not zombie(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
@@ -177,3 +185,24 @@ def test_a_foreign_qcow2_module_on_pythonpath(tmp_path: Path, oracle_tools: None
         assert sh("nbdinfo", "--size", f"nbd+unix:///?socket={sock}").stdout.strip() == str(1 << 20)
     finally:
         stop(int(pidfile.read_text()))
+
+
+@pytest.mark.parametrize("opts", [[], ["-r"], ["-f", "raw"], ["-s"]], ids=["probed", "ro", "raw", "snapshot"])
+def test_probed_raw_warning_like_qemu_nbd(tmp_path: Path, oracle_tools: None, opts: list[str]) -> None:
+    """A raw image served writable without -f: QEMU's warning on stderr, word for word (iotest 241)."""
+    img = tmp_path / "disk.raw"
+    sh("qemu-img", "create", "-q", "-f", "raw", str(img), "1M")
+    said = {}
+    for kind in ("qemu", "ours"):
+        sock, pidfile = tmp_path / f"{kind}.sock", tmp_path / f"{kind}.pid"
+        argv = ["qemu-nbd", "-t"] if kind == "qemu" else [sys.executable, "-m", "nbdserver"]
+        started = sh(*argv, *opts, "-k", str(sock), "--fork", "--pid-file", str(pidfile), "disk.raw",
+                     check=False, cwd=tmp_path)  # fmt: skip
+        assert pidfile.exists(), started.stderr
+        try:  # serving: qemu-nbd loses a SIGTERM that comes before its main loop
+            sh("nbdinfo", "--size", f"nbd+unix:///?socket={sock}")
+        finally:
+            stop(int(pidfile.read_text()))
+        said[kind] = started.stderr
+    assert said["ours"] == said["qemu"]
+    assert ("probing guessed raw" in said["ours"]) == (opts == [])
