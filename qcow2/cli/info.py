@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-from ..hostfile import HostFile
+from ..image import Qcow2Image
+from ..remote import NbdLayer, is_remote
 
 
 def layer_info(layer) -> dict:
-    if isinstance(layer, HostFile):
-        return {
-            "filename": layer.filename,
-            "format": "raw",
-            "virtual-size": layer.size,
-            "actual-size": layer.allocated_bytes(),
-            "dirty-flag": False,
-        }
+    if not isinstance(layer, Qcow2Image):
+        info = {"filename": layer.filename, "format": "raw", "virtual-size": layer.size}
+        if not isinstance(layer, NbdLayer):  # an NBD export has none: QEMU says "unavailable"
+            info["actual-size"] = layer.allocated_bytes()
+        return info | {"dirty-flag": False}
     h = layer.header
-    info: dict = {
-        "filename": layer.filename,
-        "format": "qcow2",
-        "virtual-size": layer.size,
-        "actual-size": layer.file.allocated_bytes(),
-        "cluster-size": layer.cluster_size,
-        "dirty-flag": h.dirty,
-    }
+    info: dict = {"filename": layer.filename, "format": "qcow2", "virtual-size": layer.size}
+    if not isinstance(layer.file, NbdLayer):
+        info["actual-size"] = layer.file.allocated_bytes()
+    info |= {"cluster-size": layer.cluster_size, "dirty-flag": h.dirty}
     specific: dict = {
         "compat": "1.1" if h.version == 3 else "0.10",
         "version": h.version,
@@ -51,7 +45,9 @@ def layer_info(layer) -> dict:
     info["format-specific"] = {"type": "qcow2", "data": specific}
     if h.backing_file:
         info["backing-filename"] = h.backing_file
-        info["full-backing-filename"] = layer.backing.filename if layer.backing else h.backing_file
+        # QEMU resolves a relative host path; a protocol name (an NBD URL) stays as written
+        remote = layer.backing is None or is_remote(layer.backing)
+        info["full-backing-filename"] = h.backing_file if remote else layer.backing.filename
         if h.backing_format:
             info["backing-filename-format"] = h.backing_format
     return info
@@ -75,7 +71,7 @@ def format_info(chain: list[dict]) -> str:
             f"image: {info['filename']}",
             f"file format: {info['format']}",
             f"virtual size: {info['virtual-size']} bytes",
-            f"disk size: {info['actual-size']} bytes",
+            f"disk size: {info['actual-size']} bytes" if "actual-size" in info else "disk size: unavailable",
         ]
         if "cluster-size" in info:
             lines.append(f"cluster_size: {info['cluster-size']}")
