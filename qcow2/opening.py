@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .chain import ChainDisk, RawWriter, close_chain
 from .errors import ImageError, shown
@@ -20,8 +21,10 @@ from .format.header import Header, parse_header
 from .hostfile import PERM_READ, PERM_RESIZE, PERM_WRITE, HostFile
 from .image import Qcow2Image
 from .metadata.owner import ImageMetadata
-from .remote import NbdAddress, NbdLayer, is_nbd_name, parse_nbd_name
 from .status import Layer
+
+if TYPE_CHECKING:
+    from .remote import NbdAddress
 
 MAX_CHAIN_DEPTH = 64
 FileOpener = Callable[..., HostFile]  # (filename, writable) -> HostFile
@@ -245,20 +248,25 @@ def _open_backing(
     if not h.backing_file:
         return None
     name = h.backing_file
-    if is_nbd_name(name):
+    protocol = ":" in name.split("/", 1)[0]  # a protocol prefix: NBD, or one refused below
+    if protocol:
+        from .remote import parse_nbd_name  # only images with such a backing name load it
+
         try:
             found = parse_nbd_name(name)
         except ValueError as e:
             raise ImageError(f"{shown(filename)}: Could not open backing file: {e}") from None
         if found is not None:
             return _open_remote_backing(filename, h, *found, depth, opener)
-    if remote:
+    if remote and not os.path.isabs(name) and not protocol:
+        raise ImageError(f"{shown(filename)}: Cannot generate a base directory for NBD nodes")  # QEMU's words
+    if remote:  # QEMU would open it; a remote image does not get to name our host files
         raise ImageError(
             f"{shown(filename)}: an image read over NBD may only name an NBD export as its backing file, "
             f"not {name!r}"
         )
     path = os.path.join(os.path.dirname(filename), name)
-    if ":" in name.split("/", 1)[0] and not os.path.exists(path):
+    if protocol and not os.path.exists(path):
         raise ImageError(f"{shown(filename)}: backing file {name!r} uses a protocol we do not support")
     if not os.path.exists(path):
         raise ImageError(f"{shown(filename)}: backing file {shown(path)} does not exist")
@@ -284,6 +292,8 @@ def _open_remote_backing(
             f"{shown(filename)}: backing file {h.backing_file!r} is an NBD export: "
             "refused when files are confined (--confine)"
         )
+    from .remote import NbdLayer
+
     try:
         layer = NbdLayer(address)
     except OSError as e:

@@ -39,7 +39,7 @@ MAX_READ = 32 << 20  # QEMU's NBD_MAX_BUFFER_SIZE: no request larger, whatever t
 MAX_STATUS = (1 << 31) - 1  # QEMU asks at most INT_MAX bytes of block status at once
 STATE_HOLE, STATE_ZERO = 1, 2  # base:allocation bits
 _URL_SCHEMES = {"nbd": False, "nbd+tcp": False, "nbd+unix": True}  # scheme -> Unix socket
-_PREFIXES = ("nbd:", "nbd+tcp:", "nbd+unix:", "json:")
+_PREFIXES = ("nbd:", "nbd+tcp:", "nbd+unix:")
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,6 @@ class NbdAddress:
         return self.path if self.path is not None else f"{self.host}:{self.port}"
 
 
-def is_nbd_name(name: str) -> bool:
-    """A backing name QEMU would open with its nbd driver (or a json: name, which may)."""
-    return name.startswith(_PREFIXES)
-
-
 def parse_nbd_name(name: str) -> tuple[NbdAddress, str | None] | None:
     """(address, format named inside a json: name) for an NBD backing name, None for any other.
 
@@ -83,7 +78,7 @@ def parse_nbd_name(name: str) -> tuple[NbdAddress, str | None] | None:
     """
     if name.startswith("json:"):
         return _parse_json(name[5:])
-    if not is_nbd_name(name):
+    if not name.startswith(_PREFIXES):  # a protocol QEMU's nbd driver does not register
         return None
     if "://" in name:
         return _parse_url(name), None

@@ -267,6 +267,38 @@ def test_confine_refuses_nbd_backing(tmp_path: Path, oracle_tools: None) -> None
         assert not sock.exists()
 
 
+def test_a_remote_image_names_no_host_file(tmp_path: Path, oracle_tools: None) -> None:
+    """A qcow2 read over NBD whose own backing file is a host path: QEMU cannot resolve a
+    relative one (same words here); an absolute one, which QEMU would open, is refused too."""
+    rc = Recipe(tmp_path / "img")
+    rc.create("base.raw", SIZE, fmt="raw")
+    rc.create("mid.qcow2", SIZE, backing="base.raw", backing_fmt="raw")
+    rc.create("abs.qcow2", SIZE, backing=str(rc.root / "base.raw"), backing_fmt="raw")
+    for mid, expected in (("mid.qcow2", None), ("abs.qcow2", "may only name an NBD export")):
+        with qemu_nbd(Image(mid, rc.root, "raw", rc), tmp_path / f"srv-{mid}") as g:
+            top = f"top-{mid}"
+            rc.img("create", "-q", "-f", "qcow2", "-u", "-b", g.uri, "-F", "qcow2", top, str(SIZE))
+            ours = run([PYTHON, "-m", "qcow2", "map", top], rc.root)
+            assert ours.rc == 1 and len(ours.err.strip().splitlines()) == 1, ours.err
+            if expected is None:  # QEMU's message, after its own prefix
+                qemu = run(["qemu-img", "map", top], rc.root)
+                assert qemu.rc == 1
+                expected = backing_error(qemu.err)
+            assert expected in ours.err, ours.err
+
+
+OTHER_PROTOCOLS = ["nbds://127.0.0.1/x", "ssh://host/disk.qcow2", 'json:{"file.driver": "ssh"}']
+
+
+@pytest.mark.parametrize("name", OTHER_PROTOCOLS)
+def test_other_protocols_are_still_refused(tmp_path: Path, oracle_tools: None, name: str) -> None:
+    rc = Recipe(tmp_path / "img")
+    rc.img("create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", "raw", "ov.qcow2", str(SIZE))
+    ours = run([PYTHON, "-m", "qcow2", "map", "ov.qcow2"], rc.root)
+    assert ours.rc == 1 and len(ours.err.strip().splitlines()) == 1, ours.err
+    assert "uses a protocol we do not support" in ours.err, ours.err
+
+
 # -- the driver in-process ---------------------------------------------------------------------------
 
 
