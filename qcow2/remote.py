@@ -207,7 +207,7 @@ def _connect_socket(address: NbdAddress) -> socket.socket:
             errno.ETIMEDOUT, f"Failed to connect to '{address.server}': Connection timed out"
         ) from None
     except OSError as e:
-        raise OSError(e.errno, f"Failed to connect to '{address.server}': {e.strerror}") from None
+        raise OSError(e.errno, f"Failed to connect to '{address.server}': {e.strerror or e}") from None
 
 
 class NbdLayer:

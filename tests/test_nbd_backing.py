@@ -142,6 +142,23 @@ def test_overlay_over_unix_socket(tmp_path: Path, oracle_tools: None, golden_kin
         assert_same(cmp, f"overlay over {g.uri} (golden served by {golden_kind}): ours vs qemu")
 
 
+INFO_KEYS = ("filename", "format", "virtual-size", "backing-filename", "full-backing-filename",
+             "backing-filename-format")  # fmt: skip
+
+
+def test_info_names_the_remote_as_qemu_does(tmp_path: Path, oracle_tools: None) -> None:
+    """``qcow2 info --backing-chain``: the NBD layer named as QEMU names it, no disk size."""
+    golden = build_golden(Recipe(tmp_path / "golden"))
+    with qemu_nbd(golden, tmp_path / "golden-srv", export="golden") as g:
+        image = build_overlay(Recipe(tmp_path / "overlay"), f"nbd:unix:{g.sock}:exportname=golden")
+        argv = ["info", "--backing-chain", "--output=json", image.path]
+        qemu, ours = run(["qemu-img", *argv], image.cwd), run([PYTHON, "-m", "qcow2", *argv], image.cwd)
+        assert qemu.rc == 0 and ours.rc == 0, qemu.err + ours.err
+        for r, o in zip(json.loads(qemu.out), json.loads(ours.out), strict=True):
+            assert {k: o.get(k) for k in INFO_KEYS} == {k: r.get(k) for k in INFO_KEYS}
+            assert ("actual-size" in o) == ("actual-size" in r)
+
+
 def test_overlay_over_tcp(tmp_path: Path, oracle_tools: None) -> None:
     golden = build_golden(Recipe(tmp_path / "golden"))
     port = free_port()

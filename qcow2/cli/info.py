@@ -7,11 +7,16 @@ from ..remote import NbdLayer, is_remote
 
 
 def layer_info(layer) -> dict:
+    if isinstance(layer, NbdLayer):  # no allocated size ("disk size: unavailable"), no dirty flag
+        return {"filename": layer.filename, "format": "raw", "virtual-size": layer.size}
     if not isinstance(layer, Qcow2Image):
-        info = {"filename": layer.filename, "format": "raw", "virtual-size": layer.size}
-        if not isinstance(layer, NbdLayer):  # an NBD export has none: QEMU says "unavailable"
-            info["actual-size"] = layer.allocated_bytes()
-        return info | {"dirty-flag": False}
+        return {
+            "filename": layer.filename,
+            "format": "raw",
+            "virtual-size": layer.size,
+            "actual-size": layer.allocated_bytes(),
+            "dirty-flag": False,
+        }
     h = layer.header
     info: dict = {"filename": layer.filename, "format": "qcow2", "virtual-size": layer.size}
     if not isinstance(layer.file, NbdLayer):
