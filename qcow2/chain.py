@@ -186,13 +186,14 @@ class ChainDisk(Disk):
         return layer
 
     def cache(self, offset: int, length: int) -> None:
-        """Ask the kernel to read ahead the host ranges that hold the range's data."""
+        """Ask the kernel to read ahead the host ranges that hold the range's data (a remote
+        backing file is left alone: the hint is for the local page cache)."""
         end = min(offset + length, self.top.size)
         while offset < end:
             st, _ = status_above(self.top, offset, end - offset)
             if st.length <= 0:
                 return
-            if st.flags & DATA and st.flags & OFFSET_VALID and st.file is not None:
+            if st.flags & DATA and st.flags & OFFSET_VALID and isinstance(st.file, HostFile):
                 try:
                     os.posix_fadvise(st.file.fd, st.host_offset, st.length, os.POSIX_FADV_WILLNEED)
                 except OSError:

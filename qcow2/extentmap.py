@@ -32,6 +32,10 @@ CODE_MASK = DATA | ZERO | ALLOCATED
 _DATA_CODE = np.uint8(DATA | ALLOCATED)
 _ZERO_CODE = np.uint8(ZERO | ALLOCATED)
 
+# A layer with nothing below it (no backing support) that allocates nothing and does not
+# read as zeros either: an NBD hole not known to be zero.  Decided, at no depth, neither bit.
+NOT_ALLOCATED_CODE = np.uint8(0x80)
+
 Runs = tuple[np.ndarray, np.ndarray]  # bounds (int64, n+1), codes (uint8, n); code 0: undecided
 
 
@@ -44,7 +48,10 @@ def generic_runs(layer: Layer, start: int, end: int) -> Runs:
         if st.length <= 0:
             break
         flags = st.flags
-        codes.append(flags & CODE_MASK if flags & ALLOCATED else 0)
+        if flags & ALLOCATED:
+            codes.append(flags & CODE_MASK)
+        else:  # undecided, unless no layer can be below this one
+            codes.append(0 if layer.supports_backing else NOT_ALLOCATED_CODE)
         pos += st.length
         bounds.append(pos)
     if pos < end:  # nothing more to say: undecided
@@ -143,10 +150,11 @@ def merge_chain(top: Layer, start: int, end: int) -> tuple[np.ndarray, np.ndarra
     :class:`~qcow2.contract.ExtentMap` holds them.
 
     ``flags`` holds EXTENT_DATA / EXTENT_ZERO; ``depth`` is 1 for the top layer,
-    0 where no layer allocates (which reads as zeros).
+    0 where no layer allocates (which reads as zeros, unless the bottom layer says
+    it does not know: :data:`NOT_ALLOCATED_CODE`).
     """
     bounds, codes = top.status_runs(start, end)
-    depth = np.where(codes != 0, 1, 0).astype(np.uint32)
+    depth = np.where(codes & ALLOCATED, 1, 0).astype(np.uint32)
     layer, d = top.backing, 1
     while layer is not None:
         undecided = np.flatnonzero(codes == 0)
@@ -182,7 +190,7 @@ def _overlay(bounds, codes, depth, lb, lc, d):
     low_codes[inside] = lc[lower[inside]]
     take = (up_codes == 0) & inside
     new_codes = np.where(take, low_codes, up_codes).astype(np.uint8)
-    new_depth = np.where(take & (low_codes != 0), np.uint32(d), depth[upper]).astype(np.uint32)
+    new_depth = np.where(take & ((low_codes & ALLOCATED) != 0), np.uint32(d), depth[upper]).astype(np.uint32)
     differs = (new_codes[1:] != new_codes[:-1]) | (new_depth[1:] != new_depth[:-1])
     keep = np.concatenate(([0], np.flatnonzero(differs) + 1))
     return np.append(merged[keep], merged[-1]), new_codes[keep], new_depth[keep]

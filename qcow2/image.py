@@ -157,7 +157,11 @@ class Qcow2Image:
     def metadata_preallocated(self) -> bool:
         """QEMU's heuristic: far more clusters in use than the host file really stores."""
         if self._metadata_prealloc is None:
-            real_clusters = self.file.allocated_bytes() // self.cluster_size
+            try:
+                real_clusters = self.file.allocated_bytes() // self.cluster_size
+            except OSError:  # a file with no allocated size (an NBD export): QEMU's answer is "no"
+                self._metadata_prealloc = False
+                return False
             threshold = max(real_clusters * 10 // 9, real_clusters + 2)
             end_cluster = -(-self.file.file_size // self.cluster_size)
             try:

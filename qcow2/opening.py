@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .chain import ChainDisk, RawWriter, close_chain
 from .errors import ImageError, shown
@@ -22,6 +23,9 @@ from .hostfile import PERM_READ, PERM_RESIZE, PERM_WRITE, HostFile
 from .image import Qcow2Image
 from .metadata.owner import ImageMetadata
 from .status import Layer
+
+if TYPE_CHECKING:
+    from .remote import NbdAddress
 
 MAX_CHAIN_DEPTH = 64
 FileOpener = Callable[..., HostFile]  # (filename, writable) -> HostFile
@@ -36,6 +40,8 @@ def confined_opener(directories: list[str], *exempt: str) -> FileOpener:
     """
     roots = [os.path.realpath(d) for d in directories]
     allowed = {os.path.realpath(e) for e in exempt}
+    # An NBD backing file is no file under any directory: a hostile image could make the
+    # server connect to any address it can reach.  Refused (see _open_remote_backing).
 
     def opener(filename: str, writable: bool = False) -> HostFile:
         real = os.path.realpath(filename)
@@ -45,6 +51,7 @@ def confined_opener(directories: list[str], *exempt: str) -> FileOpener:
             )
         return HostFile(filename, writable)
 
+    opener.allows_remote = False  # type: ignore[attr-defined]
     return opener
 
 
@@ -104,11 +111,10 @@ def lock_chain(top: Layer, writable: bool, force_share: bool = False, shared: La
     """
     layer: Layer | None = top
     while layer is not None and layer is not shared:
-        if isinstance(layer, HostFile):
-            files = [layer]
-        else:
-            files = [layer.file] + ([layer.data_file] if layer.data_file is not None else [])
+        files = [layer.file, layer.data_file] if isinstance(layer, Qcow2Image) else [layer]
         for file in files:
+            if not isinstance(file, HostFile):
+                continue  # none, or an NBD export: the locks are on host files (its server has its own)
             if writable:
                 hold, deny = PERM_READ | PERM_WRITE | PERM_RESIZE, PERM_WRITE | PERM_RESIZE
             else:
@@ -273,12 +279,13 @@ def open_qcow2(
         meta = ImageMetadata(filename, file, header)
         if meta.bitmaps.error:
             raise ImageError(f"{filename}: {meta.bitmaps.error}")
-        data_file = _open_data_file(filename, header, writable, opener)
+        remote = not isinstance(file, HostFile)
+        data_file = _open_data_file(filename, header, writable, opener, remote)
         meta.data_file = data_file
         if backing_layer is not None:
             below = backing_layer
         elif backing:
-            below = _open_backing(filename, header, depth, opener)
+            below = _open_backing(filename, header, depth, opener, remote)
         return Qcow2Image(filename, meta, data_file, below)
     except BaseException:
         for layer in (file, data_file):
@@ -288,11 +295,17 @@ def open_qcow2(
         raise
 
 
-def _open_data_file(filename: str, h: Header, writable: bool, opener: FileOpener) -> HostFile | None:
+def _open_data_file(
+    filename: str, h: Header, writable: bool, opener: FileOpener, remote: bool = False
+) -> HostFile | None:
     if not h.has_data_file:
         return None
     if not h.data_file:
         raise ImageError(f"{filename}: the image needs an external data file but names none")
+    if remote:
+        raise ImageError(
+            f"{shown(filename)}: an image read over NBD may not name a data file (not supported)"
+        )
     path = os.path.join(os.path.dirname(filename), h.data_file)
     try:
         return opener(path, writable)
@@ -300,12 +313,36 @@ def _open_data_file(filename: str, h: Header, writable: bool, opener: FileOpener
         raise ImageError(f"{shown(filename)}: cannot open data file {shown(path)}: {e.strerror}") from None
 
 
-def _open_backing(filename: str, h: Header, depth: int, opener: FileOpener) -> Layer | None:
+def _open_backing(
+    filename: str, h: Header, depth: int, opener: FileOpener, remote: bool = False
+) -> Layer | None:
+    """The backing layer: a host file (raw or qcow2), or an NBD export (see :mod:`qcow2.remote`).
+
+    An image read over NBD may only name another NBD export: a remote image does
+    not get to open host files.
+    """
     if not h.backing_file:
         return None
     name = h.backing_file
+    protocol = ":" in name.split("/", 1)[0]  # a protocol prefix: NBD, or one refused below
+    if protocol:
+        from .remote import parse_nbd_name  # only images with such a backing name load it
+
+        try:
+            found = parse_nbd_name(name)
+        except ValueError as e:
+            raise ImageError(f"{shown(filename)}: Could not open backing file: {e}") from None
+        if found is not None:
+            return _open_remote_backing(filename, h, *found, depth, opener)
+    if remote and not os.path.isabs(name) and not protocol:
+        raise ImageError(f"{shown(filename)}: Cannot generate a base directory for NBD nodes")  # QEMU's words
+    if remote:  # QEMU would open it; a remote image does not get to name our host files
+        raise ImageError(
+            f"{shown(filename)}: an image read over NBD may only name an NBD export as its backing file, "
+            f"not {name!r}"
+        )
     path = os.path.join(os.path.dirname(filename), name)
-    if ":" in name.split("/", 1)[0] and not os.path.exists(path):
+    if protocol and not os.path.exists(path):
         raise ImageError(f"{shown(filename)}: backing file {name!r} uses a protocol we do not support")
     if not os.path.exists(path):
         raise ImageError(f"{shown(filename)}: backing file {shown(path)} does not exist")
@@ -319,4 +356,35 @@ def _open_backing(filename: str, h: Header, depth: int, opener: FileOpener) -> L
     if fmt == "qcow2":
         return open_qcow2(path, file, depth=depth + 1, opener=opener)
     file.close()
+    raise ImageError(f"{filename}: backing file format {fmt!r} is not supported")
+
+
+def _open_remote_backing(
+    filename: str, h: Header, address: NbdAddress, json_fmt: str | None, depth: int, opener: FileOpener
+) -> Layer:
+    """An NBD export as the backing layer: raw guest data, or a qcow2 read over NBD."""
+    if not getattr(opener, "allows_remote", True):
+        raise ImageError(
+            f"{shown(filename)}: backing file {h.backing_file!r} is an NBD export: "
+            "refused when files are confined (--confine)"
+        )
+    from .remote import NbdLayer
+
+    try:
+        layer = NbdLayer(address)
+    except OSError as e:
+        raise ImageError(f"{shown(filename)}: Could not open backing file: {e.strerror}") from None
+    try:
+        fmt = h.backing_format or json_fmt or _probe(layer)
+        if fmt == "raw":
+            return layer
+        if fmt == "qcow2":
+            return open_qcow2(layer.filename, layer, depth=depth + 1, opener=opener)
+    except OSError as e:
+        layer.close()
+        raise ImageError(f"{shown(filename)}: Could not open backing file: {e.strerror}") from None
+    except BaseException:
+        layer.close()
+        raise
+    layer.close()
     raise ImageError(f"{filename}: backing file format {fmt!r} is not supported")

@@ -52,9 +52,12 @@ class Server:
     export: str = ""
     pid: int | None = None
     exit_problem: str | None = None
+    port: int | None = None  # listening on 127.0.0.1:port instead of the socket
 
     @property
     def uri(self) -> str:
+        if self.port is not None:
+            return f"nbd://127.0.0.1:{self.port}/{self.export}"
         return f"nbd+unix:///{self.export}?socket={self.sock}"
 
     def stderr(self) -> str:
@@ -95,8 +98,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on (just now)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
-def _forking_server(name: str, argv_fn, image: Image, workdir: Path, export: str) -> Iterator[Server]:
+def _forking_server(
+    name: str, argv_fn, image: Image, workdir: Path, export: str, port: int | None = None
+) -> Iterator[Server]:
     workdir.mkdir(parents=True, exist_ok=True)
     sdir = _short_dir(workdir)
     tag = name.replace("-", "")
@@ -104,7 +118,7 @@ def _forking_server(name: str, argv_fn, image: Image, workdir: Path, export: str
     pidfile = workdir / f"{tag}.pid"
     errfile = workdir / f"{tag}.stderr"
     argv = argv_fn(sock, pidfile)
-    srv = Server(name, argv, image.cwd, sock, pidfile, errfile, export)
+    srv = Server(name, argv, image.cwd, sock, pidfile, errfile, export, port=port)
     try:
         with open(errfile, "wb") as ef:
             # stdout/stderr go to a file: the daemon inherits them, a pipe would never see EOF.
@@ -122,7 +136,7 @@ def _forking_server(name: str, argv_fn, image: Image, workdir: Path, export: str
             raise ServerError(
                 f"{srv.describe()}\nreturned 0 but wrote no pid file ({e}); stderr:\n{srv.stderr()}"
             ) from None
-        if not sock.exists():
+        if port is None and not sock.exists():
             raise ServerError(
                 f"{srv.describe()}\nreturned 0 but {sock} does not exist; stderr:\n{srv.stderr()}"
             )
@@ -147,19 +161,24 @@ def _forking_server(name: str, argv_fn, image: Image, workdir: Path, export: str
 
 
 def qemu_nbd(
-    image: Image, workdir: Path, export: str = "", writable: bool = False, options: Sequence[str] = ()
+    image: Image,
+    workdir: Path,
+    export: str = "",
+    writable: bool = False,
+    options: Sequence[str] = (),
+    port: int | None = None,
 ) -> contextlib.AbstractContextManager[Server]:
     """qemu-nbd on ``image``: read-only unless ``writable`` (then it changes the image); ``options``
-    are added to its command line."""
+    are added to its command line; on 127.0.0.1:``port`` if given, else on a Unix socket."""
 
     def argv(sock, pidfile):
         a = ["qemu-nbd", *([] if writable else ["-r"]), "-A", "-t", "-e", "16", "-f", image.fmt, *options]
-        a += ["-k", str(sock)]
+        a += ["-b", "127.0.0.1", "-p", str(port)] if port is not None else ["-k", str(sock)]
         if export:
             a += ["-x", export]
         return a + ["--fork", "--pid-file", str(pidfile), image.path]
 
-    return _forking_server("qemu-nbd", argv, image, workdir, export)
+    return _forking_server("qemu-nbd", argv, image, workdir, export, port)
 
 
 def our_nbd(

@@ -8,7 +8,8 @@ JSON and, nested values in qemu-img's indented layout, in the text.
 from __future__ import annotations
 
 from ..format.bitmaps import BME_FLAG_AUTO, BME_FLAG_IN_USE
-from ..hostfile import HostFile
+from ..image import Qcow2Image
+from ..remote import NbdLayer, is_remote
 
 _BITMAP_FLAGS = ((BME_FLAG_IN_USE, "in-use"), (BME_FLAG_AUTO, "auto"))  # QEMU's order
 
@@ -26,7 +27,9 @@ def bitmaps_info(layer) -> list[dict]:
 
 
 def layer_info(layer) -> dict:
-    if isinstance(layer, HostFile):
+    if isinstance(layer, NbdLayer):  # no allocated size ("disk size: unavailable"), no dirty flag
+        return {"filename": layer.filename, "format": "raw", "virtual-size": layer.size}
+    if not isinstance(layer, Qcow2Image):
         return {
             "filename": layer.filename,
             "format": "raw",
@@ -35,14 +38,10 @@ def layer_info(layer) -> dict:
             "dirty-flag": False,
         }
     h = layer.header
-    info: dict = {
-        "filename": layer.filename,
-        "format": "qcow2",
-        "virtual-size": layer.size,
-        "actual-size": layer.file.allocated_bytes(),
-        "cluster-size": layer.cluster_size,
-        "dirty-flag": h.dirty,
-    }
+    info: dict = {"filename": layer.filename, "format": "qcow2", "virtual-size": layer.size}
+    if not isinstance(layer.file, NbdLayer):
+        info["actual-size"] = layer.file.allocated_bytes()
+    info |= {"cluster-size": layer.cluster_size, "dirty-flag": h.dirty}
     specific: dict = {
         "compat": "1.1" if h.version == 3 else "0.10",
         "version": h.version,
@@ -75,7 +74,9 @@ def layer_info(layer) -> dict:
     info["format-specific"] = {"type": "qcow2", "data": specific}
     if h.backing_file:
         info["backing-filename"] = h.backing_file
-        info["full-backing-filename"] = layer.backing.filename if layer.backing else h.backing_file
+        # QEMU resolves a relative host path; a protocol name (an NBD URL) stays as written
+        remote = layer.backing is None or is_remote(layer.backing)
+        info["full-backing-filename"] = h.backing_file if remote else layer.backing.filename
         if h.backing_format:
             info["backing-filename-format"] = h.backing_format
     return info
@@ -99,7 +100,7 @@ def format_info(chain: list[dict]) -> str:
             f"image: {info['filename']}",
             f"file format: {info['format']}",
             f"virtual size: {info['virtual-size']} bytes",
-            f"disk size: {info['actual-size']} bytes",
+            f"disk size: {info['actual-size']} bytes" if "actual-size" in info else "disk size: unavailable",
         ]
         if "cluster-size" in info:
             lines.append(f"cluster_size: {info['cluster-size']}")
