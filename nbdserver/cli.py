@@ -329,7 +329,7 @@ def open_client_overlays(spec: ExportSpec, args: argparse.Namespace) -> ClientOv
         spec.name, base, spec.description, detect_zeroes=args.detect_zeroes, unmap=args.discard == "unmap"
     )
     try:
-        return ClientOverlays.open(spec.file, fmt, base, template, args.client_overlay_dir, args.confine)
+        return ClientOverlays(spec.file, fmt, base, template, args.client_overlay_dir, args.confine)
     except BaseException:
         base.close()
         raise

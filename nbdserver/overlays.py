@@ -60,31 +60,16 @@ class ClientOverlays:
         directory: str | None = None,
         confine: list[str] | None = None,
     ) -> None:
+        if directory is not None and not os.path.isdir(directory):
+            raise ValueError(f"{directory}: not a directory")
         self.image = os.path.abspath(image)
         self.fmt = fmt
         self.base = base
-        self.template = template
         self.directory = os.path.abspath(directory) if directory is not None else None
         self.confine = confine or []
         self.in_use: set[str] = set()  # kept overlays with a client now
         self._lock = threading.Lock()  # in_use is changed by worker threads
-
-    @classmethod
-    def open(
-        cls,
-        image: str,
-        fmt: str,
-        base: ChainDisk,
-        template: Export,
-        directory: str | None = None,
-        confine: list[str] | None = None,
-    ) -> ClientOverlays:
-        """Check the directory and give ``template`` a throwaway overlay's disk to describe."""
-        if directory is not None and not os.path.isdir(directory):
-            raise ValueError(f"{directory}: not a directory")
-        overlays = cls(image, fmt, base, template, directory, confine)
-        overlays.template = replace(template, disk=overlays._throwaway(), per_client=True, multi_conn=False)
-        return overlays
+        self.template = replace(template, disk=self._throwaway(), per_client=True, multi_conn=False)
 
     def close(self) -> None:
         """Close the image (after every client's overlay, and the template's, is closed)."""
