@@ -54,7 +54,10 @@ def python_first_env() -> dict[str, str]:
 
 
 def wait_pid_exit(pid: int, timeout: float = 10.0) -> bool:
-    """Block until ``pid`` exits (a pidfd becomes readable): no polling sleeps."""
+    """Block until ``pid`` exits (a pidfd becomes readable): no polling sleeps.
+
+    Also right for daemons that pid 1 reaps late: an exited process left as a zombie
+    still has its /proc entry and answers kill(pid, 0), but its pidfd is readable."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:

@@ -17,7 +17,6 @@ import difflib
 import json
 import os
 import random
-import select
 import shlex
 import signal
 import subprocess
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from images import Image
+from nbd_wire import wait_pid_exit
 
 PYTHON = sys.executable
 CMD_TIMEOUT = 30
@@ -75,27 +75,6 @@ def _short_dir(workdir: Path) -> Path:
     if len(str(workdir)) + 20 < SUN_PATH_MAX:
         return workdir
     return Path(tempfile.mkdtemp(prefix="nbdsock-", dir="/tmp"))
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    """Wait for a (non-child) process to exit; True if it did."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        r, _, _ = select.select([fd], [], [], timeout)
-        return bool(r)
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def free_port() -> int:
@@ -146,13 +125,13 @@ def _forking_server(
             with contextlib.suppress(ValueError):
                 srv.pid = int(pidfile.read_text().strip() or "0") or None
         if srv.pid is not None:
-            if not _pid_alive(srv.pid):
+            if wait_pid_exit(srv.pid, 0):
                 srv.exit_problem = "server process had already exited before teardown"
             else:
                 os.kill(srv.pid, signal.SIGTERM)
-                if not _wait_gone(srv.pid, STOP_TIMEOUT):
+                if not wait_pid_exit(srv.pid, STOP_TIMEOUT):
                     os.kill(srv.pid, signal.SIGKILL)
-                    _wait_gone(srv.pid, STOP_TIMEOUT)
+                    wait_pid_exit(srv.pid, STOP_TIMEOUT)
                     srv.exit_problem = f"did not exit within {STOP_TIMEOUT}s of SIGTERM (killed)"
         if sdir != workdir:
             with contextlib.suppress(OSError):

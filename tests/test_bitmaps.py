@@ -14,10 +14,10 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from nbd_wire import wait_pid_exit
 
 WRITES = [
     "write -P 2 4M 64k",
@@ -48,10 +48,7 @@ def start(kind: str, image: Path, *opts: str) -> tuple[str, int]:
 
 def stop(pid: int, signal: int = 15) -> None:
     os.kill(pid, signal)
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{pid}").exists():
-        assert time.monotonic() < deadline, f"server {pid} did not stop"
-        time.sleep(0.02)
+    assert wait_pid_exit(pid, 30), f"server {pid} did not stop"
 
 
 def bitmaps_of(image: Path) -> list[dict]:

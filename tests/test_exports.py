@@ -6,10 +6,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from nbd_wire import wait_pid_exit
 
 from nbdserver.exportspec import ExportSpec, check_exports, parse_export
 
@@ -87,9 +87,7 @@ def test_several_exports(tmp_path: Path, oracle_tools: None) -> None:
     finally:
         pid = int(pidfile.read_text())
         os.kill(pid, 15)
-        deadline = time.monotonic() + 30
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_pid_exit(pid, 30)
     assert sh("qemu-img", "check", str(rw)).returncode == 0
     assert "Pattern verification failed" not in sh("qemu-io", "-c", "read -P 3 2M 64k", str(rw)).stdout
 

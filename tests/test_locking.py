@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nbd_wire import wait_pid_exit
 
 PYTHON = sys.executable
 
@@ -54,9 +55,7 @@ def serving(kind: str, image: Path, *opts: str) -> Iterator[subprocess.Completed
         if pidfile.exists():
             pid = int(pidfile.read_text())
             os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_pid_exit(pid, 30)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import nbd
 import pytest
+from nbd_wire import wait_pid_exit
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -58,9 +59,7 @@ class Served:
 
     def stop(self) -> None:
         os.kill(self.pid, 15)
-        deadline = time.monotonic() + 30
-        while Path(f"/proc/{self.pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_pid_exit(self.pid, 30)
 
     def connect(self) -> socket.socket:
         s = socket.socket(socket.AF_UNIX)

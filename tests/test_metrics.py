@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from nbd_wire import wait_pid_exit
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -58,9 +59,7 @@ def test_metrics_count_what_clients_did(tmp_path: Path, oracle_tools: None) -> N
         assert m[("nbd_clients", ())] == 0
     finally:
         os.kill(pid, 15)
-        deadline = time.monotonic() + 30
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_pid_exit(pid, 30)
 
 
 def test_errors_are_counted(tmp_path: Path, oracle_tools: None) -> None:
@@ -86,6 +85,4 @@ def test_errors_are_counted(tmp_path: Path, oracle_tools: None) -> None:
         assert m[("nbd_request_errors_total", key)] == 1, m
     finally:
         os.kill(pid, 15)
-        deadline = time.monotonic() + 30
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_pid_exit(pid, 30)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import nbd
 import pytest
+from nbd_wire import wait_pid_exit
 
 CASES = int(os.environ.get("FUZZ_CASES", "120"))
 FIRST_SEED = int(os.environ.get("FUZZ_SEED", "1"))
@@ -134,10 +135,7 @@ def _serve(image: Path, fmt: str, *opts: str) -> tuple[Path, int]:
 
 def _stop(pid: int) -> None:
     os.kill(pid, 15)
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{pid}").exists():
-        assert time.monotonic() < deadline, "the server did not stop"
-        time.sleep(0.02)
+    assert wait_pid_exit(pid, 30), "the server did not stop"
 
 
 @pytest.mark.parametrize("mode", ["read-only raw", "read-write qcow2"])
@@ -157,7 +155,7 @@ def test_fuzzed_clients(tmp_path: Path, oracle_tools: None, mode: str) -> None:
                 run_client(sock, client_stream(seed))
             except BaseException as e:
                 raise AssertionError(f"seed {seed}: {e}") from e
-            assert Path(f"/proc/{pid}").exists(), f"seed {seed}: the server died"
+            assert not wait_pid_exit(pid, 0), f"seed {seed}: the server died"
             if seed % 20 == 0 or seed == FIRST_SEED + CASES - 1:
                 h = nbd.NBD()
                 h.connect_uri(f"nbd+unix:///?socket={sock}")

@@ -7,10 +7,10 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from nbd_wire import wait_pid_exit
 
 
 def sh(*argv: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -33,21 +33,9 @@ def stop(pid: int) -> None:
     gone(pid)
 
 
-def zombie(pid: int) -> bool:
-    """Exited, but nobody reaps it (a daemon whose new parent, pid 1, does not wait)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return False
-
-
 def gone(pid: int, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists() and not zombie(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    """The daemon has exited (a pidfd: an exited daemon that pid 1 has not reaped yet counts)."""
+    return wait_pid_exit(pid, timeout)
 
 
 def test_compatibility_options_are_accepted(tmp_path: Path, oracle_tools: None) -> None:

@@ -16,7 +16,6 @@ import ctypes
 import hashlib
 import json
 import os
-import select
 import shutil
 import signal
 import struct
@@ -26,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from nbd_wire import wait_pid_exit
 
 from qcow2.format.snapshots import Snapshot, next_snapshot_id
 
@@ -333,14 +333,6 @@ def test_refcount_overflow_fails_as_qemu_img(tmp_path: Path, oracle_tools: None)
     assert snapshots(mine) == [] == snapshots(ref)
 
 
-def _wait_gone(pid: int) -> None:
-    fd = os.pidfd_open(pid)
-    try:
-        assert select.select([fd], [], [], 30)[0], f"process {pid} did not exit"
-    finally:
-        os.close(fd)
-
-
 def socket_of(image: Path, tag: str = "") -> Path:
     return image.parent / f"{image.stem}{tag}.sock"
 
@@ -354,7 +346,7 @@ def serve(argv: list[str], image: Path, tag: str = "") -> int:
 
 def stop(pid: int) -> None:
     os.kill(pid, signal.SIGTERM)
-    _wait_gone(pid)
+    assert wait_pid_exit(pid, 30), f"process {pid} did not exit"
 
 
 def test_images_in_use_are_refused_as_qemu_img_refuses_them(tmp_path: Path, oracle_tools: None) -> None:

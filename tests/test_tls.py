@@ -16,11 +16,11 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nbd_wire import wait_pid_exit
 
 IHAVEOPT = 0x49484156454F5054
 OPT_EXPORT_NAME, OPT_LIST = 1, 3
@@ -94,9 +94,7 @@ def tls_server(kind: str, image: Path, creds: Path, *opts: str, verify: bool = F
     finally:
         pid = int(pidfile.read_text())
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_pid_exit(pid, 30)
 
 
 def nbds(port: int, certs: Path) -> str:
