@@ -118,7 +118,8 @@ def open_export(spec: ExportSpec, args: argparse.Namespace) -> Export:
     except Exception as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise StartupError(f"cannot open {spec.file}: {msg}") from None
-    if spec.fmt is None and not spec.read_only and qcow2.probe_format(spec.file) == "raw":
+    writable_top = not (spec.fmt or spec.read_only or args.snapshot)  # -s: the top is the overlay
+    if writable_top and qcow2.probe_format(spec.file) == "raw":
         # QEMU's raw driver says this whenever it opens a probed raw image writable; so do we.
         print(PROBED_RAW_WARNING.format(file=spec.file), file=sys.stderr, flush=True)
     if args.offset:
