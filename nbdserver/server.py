@@ -259,8 +259,15 @@ class Connection:
     async def _attach(self, hs: Handshake, step: Step) -> Step:
         """A per-client export chosen: open the client's own disk (in a worker), then reply."""
         assert step.result is not None and self.server.overlays is not None
+        name = step.result.export.name
+        opening = asyncio.ensure_future(self.server.run_in_worker(self.server.overlays.attach, name))
         try:
-            export = await self.server.run_in_worker(self.server.overlays.attach, step.result.export.name)
+            export = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # Dropped meanwhile (handshake limit, shutdown): the overlay is closed again once
+            # open, or a kept one would stay "in use" by nobody until the server stops.
+            opening.add_done_callback(self.server.release_orphan)
+            raise
         except Exception as e:
             log.warning("%s: cannot give the client its own overlay: %s", self.peer, e)
             return hs.attach_failed(str(e))
@@ -477,6 +484,26 @@ class Server:
         ):
             return "write"
         return "pool"
+
+    def release_orphan(self, opening: asyncio.Future) -> None:
+        """A client's own export opened after the client was dropped: close it."""
+        if opening.cancelled() or opening.exception() is not None:
+            return
+        task = asyncio.ensure_future(self._release(opening.result()))
+        self._tasks.add(task)  # shutdown waits for it
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, export: Export) -> None:
+        assert self.overlays is not None
+        try:
+            try:
+                closing = self._lanes["pool"].submit(self.overlays.detach, export)
+            except RuntimeError:  # the workers are gone (shutdown): close it here
+                self.overlays.detach(export)
+                return
+            await asyncio.wrap_future(closing)
+        except Exception as e:
+            log.error("closing an overlay of a dropped client failed: %s", e)
 
     async def run_in_worker(self, fn: Callable[..., T], *args: object, lane: str = "pool") -> T:
         """Run a blocking call on the threads of ``lane``."""
