@@ -21,6 +21,7 @@ from .format.header import Header, parse_header
 from .format.snapshots import SnapshotRef
 from .hostfile import PERM_READ, PERM_RESIZE, PERM_WRITE, HostFile
 from .image import Qcow2Image
+from .metadata import snapshots as snapshot_ops
 from .metadata.owner import ImageMetadata
 from .status import Layer
 
@@ -222,7 +223,7 @@ def load_snapshot(top: Layer, snapshot: SnapshotRef) -> None:
     if index < 0:
         raise ImageError("Failed to load snapshot: Can't find snapshot")
     try:
-        size = top.meta.load_snapshot(index)
+        size = snapshot_ops.load(top.meta, index)
     except OSError as e:
         raise ImageError(f"Failed to load snapshot: {e.strerror}") from None
     top.size = size // 512 * 512

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from ..format.snapshots import NO_ICOUNT, Snapshot, SnapshotRef, c_string
 from ..hostfile import HostFile
+from ..metadata import snapshots as snapshot_ops
 from ..opening import open_disk
 from ..write import Qcow2Writer
 
@@ -117,7 +118,7 @@ def run_snapshot(
         top = disk.top
         if isinstance(top, HostFile):
             raise SnapshotCommandError(_message(action, name, None))
-        top.meta.check_snapshot_action(action, _ref(action, name))
+        snapshot_ops.check(top.meta, action, _ref(action, name))
     except OSError as e:
         raise SnapshotCommandError(_message(action, name, e)) from None
     finally:

@@ -55,8 +55,9 @@ class BitmapOwner(Protocol):
 
     def set_header(self, **fields: int) -> None: ...
     def check_write(self, offset: int, length: int) -> None: ...
-    def set_bitmaps_extension(self, nb_bitmaps: int, directory_size: int, directory_offset: int) -> None: ...
-    def bitmaps_moved(self) -> None: ...
+    def write_synced(self, offset: int, data: bytes) -> None: ...
+    def rewrite_header(self, **changes: object) -> None: ...
+    def metadata_moved(self) -> None: ...
 
 
 MAX_BITMAP_MEMORY = 1 << 30  # bytes of bits held for one image, all bitmaps together
@@ -313,10 +314,35 @@ class PersistentBitmaps:
             meta.file.write(offset, directory)
             refs.write_dirty()
             meta.file.flush()
-        meta.set_bitmaps_extension(len(entries), len(directory), offset)
+        self._set_extension(len(entries), len(directory), offset)
         if old_size:
             refs.free(old_offset >> cbits, -(-(old_offset % cs + old_size) // cs))
-        meta.bitmaps_moved()
+        meta.metadata_moved()
+
+    def _set_extension(self, nb_bitmaps: int, directory_size: int, directory_offset: int) -> None:
+        """Point the bitmaps header extension at a new directory (synced), as QEMU's
+        update_ext_header_and_dir: the autoclear bit set with bitmaps, cleared without.
+
+        An extension already there is rewritten in place; one that appears (the
+        first bitmap) or goes (the last one removed) changes the shape of the
+        header, which the owner then writes again whole, as qcow2_update_header does.
+        """
+        h = self.meta.header
+        fields = {
+            "nb_bitmaps": nb_bitmaps,
+            "reserved": 0,
+            "bitmap_directory_size": directory_size,
+            "bitmap_directory_offset": directory_offset,
+        }
+        if nb_bitmaps and h.bitmaps and h.autoclear_features & L.AUTOCLEAR_BITMAPS:
+            self.meta.write_synced(h.bitmaps_extension_offset, L.BitmapsExtension.build(fields))
+            h.bitmaps.update(fields)
+            return
+        bit = L.AUTOCLEAR_BITMAPS if nb_bitmaps else 0
+        self.meta.rewrite_header(
+            bitmaps=fields if nb_bitmaps else None,
+            autoclear_features=(h.autoclear_features & ~L.AUTOCLEAR_BITMAPS) | bit,
+        )
 
     def _free_table(self, entry: BitmapEntry, table: tuple[int, ...] | None) -> None:
         """QEMU's free_bitmap_clusters: the data clusters, then the table.  ``table`` None: read

@@ -13,6 +13,10 @@ the one QEMU would name (lowest in its list) is reported.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from collections.abc import Iterable
+
+from ..format import layout as L
+from ..format.header import Header
 
 # QEMU's metadata_ol_names, in its bit order (the message names the first hit).
 HEADER = "qcow2_header"
@@ -115,3 +119,35 @@ class MetadataMap:
                 max_ends.append(top)
             self._index = ([s for s, _, _ in regions], max_ends, regions)
         return self._index
+
+
+def build_map(
+    h: Header,
+    l1: list[int],
+    snapshot_tables: Iterable[tuple[int, int]],
+    bitmap_tables: Iterable[tuple[int, int]],
+    snapshot_table_size: int,
+) -> MetadataMap:
+    """The map of an image from its header, active L1 table, the snapshots' L1 tables and the
+    bitmap tables (offset, bytes), but for what an allocation can move
+    (:func:`place_refcounts_and_l1`)."""
+    cbits = h.cluster_bits
+    m = MetadataMap(cbits)
+    m.set_clusters(ACTIVE_L2, ((e & L.L1E_OFFSET_MASK) >> cbits for e in l1 if e & L.L1E_OFFSET_MASK))
+    m.set_regions(SNAPSHOT_TABLE, [(h.snapshots_offset, snapshot_table_size)])
+    m.set_regions(INACTIVE_L1, list(snapshot_tables))
+    if h.bitmaps and h.autoclear_features & L.AUTOCLEAR_BITMAPS:
+        directory = (h.bitmaps["bitmap_directory_offset"], h.bitmaps["bitmap_directory_size"])
+        m.set_regions(BITMAP_DIRECTORY, [directory])
+        m.set_regions(BITMAP_TABLE, list(bitmap_tables))
+    return m
+
+
+def place_refcounts_and_l1(
+    m: MetadataMap, refcount_blocks: Iterable[int], refcount_table: tuple[int, int], l1: tuple[int, int]
+) -> None:
+    """What an allocation can move: the refcount blocks (clusters), the refcount table and the
+    active L1 table (offset, bytes)."""
+    m.set_clusters(REFCOUNT_BLOCK, refcount_blocks)
+    m.set_regions(REFCOUNT_TABLE, [refcount_table])
+    m.set_regions(ACTIVE_L1, [l1])

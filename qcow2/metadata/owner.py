@@ -25,7 +25,6 @@ written back, so a crash leaves an image the next read-write open repairs.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import struct
@@ -35,10 +34,9 @@ from ..errors import CorruptImageError
 from ..format import layout as L
 from ..format.header import Header, parse_header, rebuild_header
 from ..format.l2 import COMPRESSED, NORMAL, ZERO_ALLOCATED, L2Layout, L2Table
-from ..format.snapshots import Snapshot, SnapshotRef, SnapshotTableError, walk_snapshot_table
+from ..format.snapshots import Snapshot, SnapshotTableError, walk_snapshot_table
 from ..hostfile import HostFile
 from . import overlap as O
-from . import snapshots as snapshot_ops
 from .bitmaps import PersistentBitmaps
 from .cache import TableCache
 from .refcounts import Refcounts
@@ -121,7 +119,7 @@ class ImageMetadata:
         try:
             for snapshot, end in walk_snapshot_table(self.file.pread, h.snapshots_offset, h.nb_snapshots):
                 if snapshot.disk_size is None:  # QEMU's rule: the image's size when it was opened
-                    snapshot = dataclasses.replace(snapshot, disk_size=h.size // 512 * 512)
+                    snapshot = replace(snapshot, disk_size=h.size // 512 * 512)
                 snapshots.append(snapshot)
                 size = end
         except SnapshotTableError as e:
@@ -174,32 +172,6 @@ class ImageMetadata:
             self._map = None
         self.bitmaps.start_writing()
 
-    def set_bitmaps_extension(self, nb_bitmaps: int, directory_size: int, directory_offset: int) -> None:
-        """Point the bitmaps header extension at a new directory (synced), as QEMU's
-        update_ext_header_and_dir: the autoclear bit set with bitmaps, cleared without.
-
-        An extension already there is rewritten in place; one that appears (the
-        first bitmap) or goes (the last one removed) changes the shape of the
-        header, which is then written again whole, as qcow2_update_header does.
-        """
-        h = self.header
-        fields = {
-            "nb_bitmaps": nb_bitmaps,
-            "reserved": 0,
-            "bitmap_directory_size": directory_size,
-            "bitmap_directory_offset": directory_offset,
-        }
-        if nb_bitmaps and h.bitmaps and h.autoclear_features & L.AUTOCLEAR_BITMAPS:
-            self.file.write(h.bitmaps_extension_offset, L.BitmapsExtension.build(fields))
-            self.file.flush()
-            h.bitmaps.update(fields)
-            return
-        bit = L.AUTOCLEAR_BITMAPS if nb_bitmaps else 0
-        self.rewrite_header(
-            bitmaps=fields if nb_bitmaps else None,
-            autoclear_features=(h.autoclear_features & ~L.AUTOCLEAR_BITMAPS) | bit,
-        )
-
     def rewrite_header(self, **changes: object) -> None:
         """Cluster 0 written again whole with ``changes`` (synced); the header in memory is
         the one parsed back from it (where its extensions now are included)."""
@@ -211,12 +183,9 @@ class ImageMetadata:
         self.header.__dict__.update(parsed.__dict__)
         self._map = None
 
-    def bitmaps_moved(self) -> None:
-        """The bitmap directory or tables moved: the overlap map is built again."""
-        self._map = None
-
-    def snapshots_moved(self) -> None:
-        """The snapshot table or the snapshots' L1 tables changed: the overlap map is built again."""
+    def metadata_moved(self) -> None:
+        """Structures moved (bitmap directory or tables, snapshot table, the L1 table's
+        contents): the overlap map is built again at its next use."""
         self._map = None
 
     def begin_update(self) -> None:
@@ -260,33 +229,20 @@ class ImageMetadata:
     @property
     def map(self) -> O.MetadataMap:
         """The overlap-check map, built at first use and kept current by the owner."""
-        m = self._map
-        if m is None:
-            m = self._map = O.MetadataMap(self.cluster_bits)
-            h = self.header
-            m.set_clusters(
-                O.ACTIVE_L2,
-                ((e & L.L1E_OFFSET_MASK) >> self.cluster_bits for e in self.l1 if e & L.L1E_OFFSET_MASK),
+        refs = self.refcounts
+        if self._map is None:
+            snapshot_l1s = ((s.l1_table_offset, s.l1_size * 8) for s in self.snapshots)
+            bitmap_tables = ((b.entry.table_offset, b.entry.table_size * 8) for b in self.bitmaps.bitmaps)
+            self._map = O.build_map(
+                self.header, self.l1, snapshot_l1s, bitmap_tables, self.snapshot_table_size
             )
-            m.set_regions(O.SNAPSHOT_TABLE, [(h.snapshots_offset, self.snapshot_table_size)])
-            m.set_regions(O.INACTIVE_L1, [(s.l1_table_offset, s.l1_size * 8) for s in self.snapshots])
-            if h.bitmaps and h.autoclear_features & L.AUTOCLEAR_BITMAPS:
-                m.set_regions(
-                    O.BITMAP_DIRECTORY,
-                    [(h.bitmaps["bitmap_directory_offset"], h.bitmaps["bitmap_directory_size"])],
-                )
-                m.set_regions(
-                    O.BITMAP_TABLE,
-                    [(b.entry.table_offset, b.entry.table_size * 8) for b in self.bitmaps.bitmaps],
-                )
             self._map_version = -1
-        if self._map_version != self.refcounts.version:
-            refs = self.refcounts
-            m.set_clusters(O.REFCOUNT_BLOCK, refs.block_clusters())
-            m.set_regions(O.REFCOUNT_TABLE, [(refs.table_offset, refs.table_clusters * self.cluster_size)])
-            m.set_regions(O.ACTIVE_L1, [(self.header.l1_table_offset, len(self.l1) * 8)])
+        if self._map_version != refs.version:
+            reftable = (refs.table_offset, refs.table_clusters * self.cluster_size)
+            l1 = (self.header.l1_table_offset, len(self.l1) * 8)
+            O.place_refcounts_and_l1(self._map, refs.block_clusters(), reftable, l1)
             self._map_version = refs.version
-        return m
+        return self._map
 
     def overlaps(self, offset: int, length: int, ignore: frozenset[str] = frozenset()) -> str | None:
         return self.map.find(offset, length, ignore)
@@ -313,7 +269,7 @@ class ImageMetadata:
                 self.check_write(host, length)
 
     def write_synced(self, offset: int, data: bytes) -> None:
-        """A repair's metadata write: on disk before the next step."""
+        """A metadata write in place (a repair's, a header extension's): on disk before the next step."""
         self.file.write(offset, data)
         self.file.flush()
 
@@ -397,39 +353,6 @@ class ImageMetadata:
         self.file.flush()
         self.l1[:] = entries  # the same list: readers hold it
         self._map = None
-
-    # -- internal snapshots (the work is in .snapshots) ----------------------------------
-
-    def check_snapshot_action(self, action: str, ref: SnapshotRef | None = None) -> None:
-        """Would ``create``, ``delete`` or ``apply`` be refused?  OSError with QEMU's errno and words."""
-        if action == "create":
-            snapshot_ops.check_create(self)
-        elif action == "delete":
-            snapshot_ops.check_delete(self, ref)
-        else:
-            snapshot_ops.check_apply(self, ref)
-
-    def create_snapshot(self, name: bytes, date_sec: int, date_nsec: int) -> Snapshot:
-        """A disk-only snapshot of the active state; OSError with QEMU's errno when refused."""
-        return snapshot_ops.create(self, name, date_sec, date_nsec)
-
-    def delete_snapshot(self, ref: SnapshotRef) -> None:
-        snapshot_ops.delete(self, ref)
-
-    def apply_snapshot(self, ref: SnapshotRef) -> int:
-        """The active state becomes the snapshot's; returns the disk size it restores."""
-        return snapshot_ops.apply(self, ref)
-
-    def load_snapshot(self, index: int) -> int:
-        """Read-only view (QEMU's qcow2_snapshot_load_tmp): the snapshot's L1 table replaces
-        the active one in memory, nothing is written; returns the snapshot's disk size."""
-        sn = self.snapshots[index]
-        snapshot_ops.validate_l1(self, sn)
-        size = snapshot_ops.disk_size(self, sn)
-        self.l1[:] = snapshot_ops.read_l1(self, sn)  # the same list: readers hold it
-        self.l2_tables.clear()
-        self._map = None
-        return size
 
     def grow_l1(self, entries: int) -> None:
         """Copy the L1 table to a bigger place, switch the header to it, free the old one."""

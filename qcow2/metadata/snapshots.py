@@ -72,7 +72,7 @@ class SnapshotOwner(Protocol):
     def set_header(self, **fields: int) -> None: ...
     def check_write(self, offset: int, length: int, ignore: frozenset[str] = frozenset()) -> None: ...
     def mark_corrupt(self, why: str) -> None: ...
-    def snapshots_moved(self) -> None: ...
+    def metadata_moved(self) -> None: ...
 
 
 def _clusters(meta: SnapshotOwner, nbytes: int) -> int:
@@ -235,7 +235,7 @@ def write_snapshot_table(meta: SnapshotOwner, snapshots: list[Snapshot]) -> None
         raise
     meta.snapshots[:] = snapshots
     meta.snapshot_table_size = len(raw)
-    meta.snapshots_moved()
+    meta.metadata_moved()
     _free(meta, old_offset, old_size)
 
 
@@ -247,6 +247,16 @@ def _find(meta: SnapshotOwner, ref: SnapshotRef) -> int:
     if index < 0:
         raise OSError(errno.ENOENT, "Can't find the snapshot")
     return index
+
+
+def check(meta: SnapshotOwner, action: str, ref: SnapshotRef | None = None) -> None:
+    """Would ``create``, ``delete`` or ``apply`` be refused?  OSError with QEMU's errno and words."""
+    if action == "create":
+        check_create(meta)
+    elif action == "delete":
+        check_delete(meta, ref)
+    else:
+        check_apply(meta, ref)
 
 
 def check_create(meta: SnapshotOwner) -> None:
@@ -273,6 +283,18 @@ def check_apply(meta: SnapshotOwner, ref: SnapshotRef) -> int:
 
 
 # -- the operations ------------------------------------------------------------------------
+
+
+def load(meta: SnapshotOwner, index: int) -> int:
+    """Read-only view (QEMU's qcow2_snapshot_load_tmp): the snapshot's L1 table replaces the
+    active one in memory, nothing is written; returns the snapshot's disk size."""
+    sn = meta.snapshots[index]
+    validate_l1(meta, sn)
+    size = disk_size(meta, sn)
+    meta.l1[:] = read_l1(meta, sn)  # the same list: readers hold it
+    meta.l2_tables.clear()
+    meta.metadata_moved()
+    return size
 
 
 @_strict_refcounts

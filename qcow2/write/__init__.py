@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ..format.snapshots import Snapshot, SnapshotRef
 from ..image import Qcow2Image
+from ..metadata import snapshots as snapshot_ops
 from .allocate import DataWrites
 from .core import L2Update
 from .discard import Discard
@@ -53,16 +54,17 @@ class Qcow2Writer:
         self.meta.bitmaps.resize(size)
         self._resize.resize(size)
 
-    # Internal snapshots: the metadata owner does the work; the disk size follows an apply.
+    # Internal snapshots (qcow2.metadata.snapshots works on the metadata owner); the disk size
+    # follows an apply.
 
     def create_snapshot(self, name: bytes, date_sec: int, date_nsec: int) -> Snapshot:
-        return self.meta.create_snapshot(name, date_sec, date_nsec)
+        return snapshot_ops.create(self.meta, name, date_sec, date_nsec)
 
     def delete_snapshot(self, ref: SnapshotRef) -> None:
-        self.meta.delete_snapshot(ref)
+        snapshot_ops.delete(self.meta, ref)
 
     def apply_snapshot(self, ref: SnapshotRef) -> None:
-        self.image.size = self.meta.apply_snapshot(ref) // 512 * 512
+        self.image.size = snapshot_ops.apply(self.meta, ref) // 512 * 512
 
     def flush(self) -> None:
         self.meta.write_back()
