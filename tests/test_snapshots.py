@@ -417,7 +417,7 @@ def test_new_ids_follow_strtoul(oracle_tools: None) -> None:
     strtoul.restype, strtoul.argtypes = ctypes.c_ulong, (ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int)
     for ids in ([], [b"1"], [b"7", b"3"], [b"abc"], [b"12abc", b" 9"], [b"-1"], [b"99999999999999999999999"],
                 [b"+5", b"\t4"], [b"18446744073709551614"], [b"0" * 30 + b"12"], [b"9" * 5000]):  # fmt: skip
-        snaps = [Snapshot(0, 0, i.decode(), "", raw_id=i) for i in ids]
+        snaps = [Snapshot(0, 0, raw_id=i) for i in ids]
         expected = (max([strtoul(i, None, 10) for i in ids], default=0) + 1) % (1 << 64)
         assert next_snapshot_id(snaps) == str(expected).encode(), ids
 

@@ -37,12 +37,11 @@ def c_string(raw: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """One entry of the table.  ``id_str`` and ``name`` are for messages; the raw bytes are kept."""
+    """One entry of the table: its id and name as raw bytes (:attr:`id_str` and :attr:`name`,
+    for messages, are read from them)."""
 
     l1_table_offset: int
     l1_size: int
-    id_str: str
-    name: str
     raw_id: bytes = b""
     raw_name: bytes = b""
     date_sec: int = 0
@@ -54,6 +53,14 @@ class Snapshot:
     extra_data_size: int = 0
     unknown_extra: bytes = b""  # extra data past the fields QEMU knows
 
+    @property
+    def id_str(self) -> str:
+        return c_string(self.raw_id).decode("utf-8", "replace")
+
+    @property
+    def name(self) -> str:
+        return c_string(self.raw_name).decode("utf-8", "replace")
+
 
 def _entry(sn) -> Snapshot:
     extra = bytes(sn.extra_data)
@@ -62,8 +69,6 @@ def _entry(sn) -> Snapshot:
     return Snapshot(
         sn.l1_table_offset,
         sn.l1_size,
-        c_string(raw_id).decode("utf-8", "replace"),
-        c_string(raw_name).decode("utf-8", "replace"),
         raw_id,
         raw_name,
         sn.date_sec,

@@ -315,8 +315,6 @@ def create(meta: SnapshotOwner, name: bytes, date_sec: int, date_nsec: int) -> S
     sn = Snapshot(
         l1_offset,
         len(l1),
-        ident.decode(),
-        name.decode("utf-8", "replace"),
         ident,
         name,
         date_sec,
