@@ -32,7 +32,7 @@ from dataclasses import replace
 from qcow2.chain import ChainDisk
 from qcow2.create import run_create
 from qcow2.hostfile import HostFile
-from qcow2.opening import confined_opener, open_overlay
+from qcow2.opening import ConfinedOpener, open_overlay
 
 from .export import Export
 
@@ -122,7 +122,7 @@ class ClientOverlays:
                 self.in_use.discard(export.name)
 
     def _opener(self, path: str):
-        return confined_opener(self.confine, path) if self.confine else HostFile
+        return ConfinedOpener(self.confine, path) if self.confine else HostFile
 
     def _throwaway(self) -> ChainDisk:
         fd, path = tempfile.mkstemp(prefix="qcow2-nbd-client-", suffix=SUFFIX)

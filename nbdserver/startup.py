@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import qcow2
 from qcow2.hostfile import HostFile
-from qcow2.opening import confined_opener
+from qcow2.opening import ConfinedOpener
 
 from .cmdline import DEFAULT_PORT
 from .export import Export
@@ -69,7 +69,7 @@ def open_client_overlays(spec: ExportSpec, args: argparse.Namespace) -> ClientOv
     from .overlays import ClientOverlays
 
     fmt = spec.fmt or qcow2.probe_format(spec.file)
-    opener = confined_opener(args.confine, spec.file) if args.confine else HostFile
+    opener = ConfinedOpener(args.confine, spec.file) if args.confine else HostFile
     base = qcow2.open_disk(spec.file, fmt=fmt, read_only=True, opener=opener)
     template = Export(
         spec.name, base, spec.description, detect_zeroes=args.detect_zeroes, unmap=args.discard == "unmap"
@@ -95,7 +95,7 @@ def open_snapshot(spec: ExportSpec, confine: list[str]) -> qcow2.Disk:
     os.close(fd)
     try:
         run_create(overlay, None, backing=os.path.abspath(spec.file), backing_fmt=fmt, quiet=True)
-        opener = confined_opener(confine, spec.file, overlay) if confine else HostFile
+        opener = ConfinedOpener(confine, spec.file, overlay) if confine else HostFile
         return qcow2.open_disk(overlay, fmt="qcow2", read_only=False, opener=opener)
     finally:
         os.unlink(overlay)
@@ -103,7 +103,7 @@ def open_snapshot(spec: ExportSpec, confine: list[str]) -> qcow2.Disk:
 
 def open_export(spec: ExportSpec, args: argparse.Namespace) -> Export:
     try:
-        opener = confined_opener(args.confine, spec.file) if args.confine else HostFile
+        opener = ConfinedOpener(args.confine, spec.file) if args.confine else HostFile
         if args.snapshot and not spec.read_only:
             disk = open_snapshot(spec, args.confine)
         else:

@@ -32,28 +32,27 @@ MAX_CHAIN_DEPTH = 64
 FileOpener = Callable[..., HostFile]  # (filename, writable) -> HostFile
 
 
-def confined_opener(directories: list[str], *exempt: str) -> FileOpener:
+class ConfinedOpener:
     """An opener that opens only files under ``directories`` (symlinks resolved), and ``exempt`` ones.
 
     For servers of images they do not trust: an image names its backing and
     data files, and without this any host file (``/etc/shadow``, ``../..``)
     could be read through a backing file, or written through a data file.
+    An NBD backing file is no file under any directory, and would let a hostile
+    image make the server connect to any address it can reach: refused too.
     """
-    roots = [os.path.realpath(d) for d in directories]
-    allowed = {os.path.realpath(e) for e in exempt}
-    # An NBD backing file is no file under any directory: a hostile image could make the
-    # server connect to any address it can reach.  Refused (see _open_remote_backing).
 
-    def opener(filename: str, writable: bool = False) -> HostFile:
+    def __init__(self, directories: list[str], *exempt: str) -> None:
+        self.roots = [os.path.realpath(d) for d in directories]
+        self.allowed = {os.path.realpath(e) for e in exempt}
+
+    def __call__(self, filename: str, writable: bool = False) -> HostFile:
         real = os.path.realpath(filename)
-        if real not in allowed and not any(os.path.commonpath([real, root]) == root for root in roots):
+        if real not in self.allowed and not any(os.path.commonpath([real, r]) == r for r in self.roots):
             raise PermissionError(
-                errno.EACCES, f"outside the directories files are confined to ({', '.join(roots)})"
+                errno.EACCES, f"outside the directories files are confined to ({', '.join(self.roots)})"
             )
         return HostFile(filename, writable)
-
-    opener.allows_remote = False  # type: ignore[attr-defined]
-    return opener
 
 
 def open_host_file(filename: str, writable: bool = False, opener: FileOpener = HostFile) -> HostFile:
@@ -364,7 +363,7 @@ def _open_remote_backing(
     filename: str, h: Header, address: NbdAddress, json_fmt: str | None, depth: int, opener: FileOpener
 ) -> Layer:
     """An NBD export as the backing layer: raw guest data, or a qcow2 read over NBD."""
-    if not getattr(opener, "allows_remote", True):
+    if isinstance(opener, ConfinedOpener):
         raise ImageError(
             f"{shown(filename)}: backing file {h.backing_file!r} is an NBD export: "
             "refused when files are confined (--confine)"

@@ -395,7 +395,3 @@ def _libnbd_message(e) -> str:
     head, sep, rest = text.partition(": ")
     return rest if sep and head.startswith("nbd_") else text
 
-
-def is_remote(layer: object) -> bool:
-    """An NBD export, or a format layer over one."""
-    return isinstance(layer, NbdLayer) or isinstance(getattr(layer, "file", None), NbdLayer)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..format.bitmaps import BME_FLAG_AUTO, BME_FLAG_IN_USE
 from ..image import Qcow2Image
-from ..remote import NbdLayer, is_remote
+from ..remote import NbdLayer
 
 _BITMAP_FLAGS = ((BME_FLAG_IN_USE, "in-use"), (BME_FLAG_AUTO, "auto"))  # QEMU's order
 
@@ -75,8 +75,10 @@ def layer_info(layer) -> dict:
     if h.backing_file:
         info["backing-filename"] = h.backing_file
         # QEMU resolves a relative host path; a protocol name (an NBD URL) stays as written
-        remote = layer.backing is None or is_remote(layer.backing)
-        info["full-backing-filename"] = h.backing_file if remote else layer.backing.filename
+        below = layer.backing
+        file = below.file if isinstance(below, Qcow2Image) else below
+        remote = below is None or isinstance(file, NbdLayer)
+        info["full-backing-filename"] = h.backing_file if remote else below.filename
         if h.backing_format:
             info["backing-filename-format"] = h.backing_format
     return info
