@@ -55,11 +55,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,17 +100,21 @@ def served(image: str, *opts: str) -> Iterator[str]:
         try:
             yield f"nbd+unix:///?socket={sock}"
         finally:
-            os.kill(pid, signal.SIGTERM)  # it writes everything back and closes the file
-            while _alive(pid):
-                time.sleep(0.01)
+            _stop(pid)
 
 
-def _alive(pid: int) -> bool:
+def _stop(pid: int) -> None:
+    """SIGTERM, then wait for the exit (the server writes everything back and closes the file
+    first): a pidfd, readable once the process has exited, reaped or not."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        select.select([fd], [], [])
+    finally:
+        os.close(fd)
 
 
 def connect(uri: str, *contexts: str) -> nbd.NBD:

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,16 +108,14 @@ def image_tag(engine: None, tmp_path_factory: pytest.TempPathFactory) -> str:
             pytest.fail(f"scripts/docker-base.sh failed:\n{made.stderr[-3000:]}", pytrace=False)
         base = DEBOOTSTRAP_BASE
     wheels = tmp_path_factory.mktemp("wheels")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = [*project["project"]["dependencies"], *project["build-system"]["requires"]]
+    # the dependencies and the build backend: the image builds the package from its sources
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    for argv in (
-        [*pip, "wheel", "--wheel-dir", str(wheels), str(ROOT)],  # the dependencies, as wheels
-        [*pip, "download", "--dest", str(wheels), "setuptools>=64"],  # the build backend
-    ):
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-        if p.returncode != 0:
-            pytest.fail(f"{' '.join(argv)} failed:\n{p.stderr[-3000:]}", pytrace=False)
-    for ours in wheels.glob("qcow2_nbd-*"):
-        ours.unlink()  # the image must build the package from the sources it copies
+    argv = [*pip, "wheel", "-w", str(wheels), *wanted]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        pytest.fail(f"{' '.join(argv)} failed:\n{p.stderr[-3000:]}", pytrace=False)
     with wheel_server(wheels) as url:
         docker(
             "build",
