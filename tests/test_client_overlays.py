@@ -11,12 +11,9 @@ against writers while served), throwaway overlays leave nothing behind.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import difflib
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +22,7 @@ from pathlib import Path
 import nbd
 import pytest
 from images import Image, Recipe
+from inprocess import in_process_server
 from nbd_wire import RawClient
 from servers import allocation_map, check_problems, our_nbd, qemu_nbd, run
 
@@ -218,43 +216,26 @@ def test_an_overlay_opened_for_a_dropped_client_is_closed_again(tmp_path: Path, 
     base = qcow2.open_disk(str(gold.abspath), read_only=True)
     overlays = _SlowToOpen(str(gold.abspath), "qcow2", base, Export("", base), str(kept))
     sock = tmp_path / "s.sock"
-    started, state = threading.Event(), {}
-
-    async def serve() -> None:
-        server = Server({"": overlays.template}, handshake_limit=0.5, overlays=overlays)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(sock))
-        listener.listen(4)
-        state["loop"], state["stop"] = asyncio.get_running_loop(), asyncio.Event()
-        accepting = asyncio.create_task(server.accept_loop(listener))
-        started.set()
-        await state["stop"].wait()
-        accepting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await accepting
-        listener.close()
-        await server.shutdown()
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),))
-    thread.start()
     try:
-        assert started.wait(10)
-        with RawClient(sock) as c:
-            c.greet()
-            c.send_option(7, struct_info("vm-1"))  # NBD_OPT_GO
-            assert overlays.opening.wait(10)
-            assert c.closed_by_server(), "the handshake limit drops the client"
-        overlays.may_open.set()
-        assert overlays.closed.wait(10), "the orphaned overlay was never closed"
-        assert overlays.in_use == set()
-        h = nbd.NBD()
-        h.connect_uri(f"nbd+unix:///vm-1?socket={sock}")  # free again
-        h.pwrite(b"\x42" * 512, 0)
-        h.shutdown()
+        with in_process_server(
+            lambda: Server({"": overlays.template}, handshake_limit=0.5, overlays=overlays), sock
+        ):
+            try:
+                with RawClient(sock) as c:
+                    c.greet()
+                    c.send_option(7, struct_info("vm-1"))  # NBD_OPT_GO
+                    assert overlays.opening.wait(10)
+                    assert c.closed_by_server(), "the handshake limit drops the client"
+                overlays.may_open.set()
+                assert overlays.closed.wait(10), "the orphaned overlay was never closed"
+                assert overlays.in_use == set()
+                h = nbd.NBD()
+                h.connect_uri(f"nbd+unix:///vm-1?socket={sock}")  # free again
+                h.pwrite(b"\x42" * 512, 0)
+                h.shutdown()
+            finally:
+                overlays.may_open.set()  # never leave the server's worker waiting
     finally:
-        overlays.may_open.set()
-        state["loop"].call_soon_threadsafe(state["stop"].set)
-        thread.join(30)
         overlays.template.disk.close()
         overlays.close()
     assert run(["qemu-img", "check", str(kept / "vm-1.qcow2")], tmp_path).rc == 0

@@ -15,22 +15,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import random
 import shutil
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import nbd
 import pytest
 from images import KiB, MiB, Recipe
+from inprocess import in_process_server
 from servers import our_nbd, qemu_nbd, run
 
 import qcow2
@@ -180,38 +177,6 @@ class SlowFile(HostFile):
         super().readinto(offset, buf)
 
 
-@contextlib.contextmanager
-def in_process_server(disk, sock: Path) -> Iterator[None]:
-    """Our server (its real Server class) on a Unix socket, in a thread of this process."""
-    started = threading.Event()
-    state: dict = {}
-
-    async def main() -> None:
-        server = Server({"": Export("", disk)})
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(sock))
-        listener.listen(16)
-        state["stop"] = asyncio.Event()
-        state["loop"] = asyncio.get_running_loop()
-        accepting = asyncio.create_task(server.accept_loop(listener))
-        started.set()
-        await state["stop"].wait()
-        accepting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await accepting
-        listener.close()
-        await server.shutdown()
-
-    thread = threading.Thread(target=asyncio.run, args=(main(),))
-    thread.start()
-    assert started.wait(10)
-    try:
-        yield
-    finally:
-        state["loop"].call_soon_threadsafe(state["stop"].set)
-        thread.join(30)
-
-
 def test_reads_from_two_connections_overlap(tmp_path: Path, recipe: Recipe) -> None:
     recipe.create("s.qcow2", 8 * MiB)
     recipe.io("s.qcow2", "write -P 0x11 0 4M", "write -P 0x22 4M 4M")
@@ -222,7 +187,7 @@ def test_reads_from_two_connections_overlap(tmp_path: Path, recipe: Recipe) -> N
         for offset in (0, 4 * MiB):  # tables and refcounts cached before the device turns slow
             disk.read_sparse(offset, 4096)
         uri = f"nbd+unix:///?socket={tmp_path / 's.sock'}"
-        with in_process_server(disk, tmp_path / "s.sock"):
+        with in_process_server(lambda: Server({"": Export("", disk)}), tmp_path / "s.sock"):
             handles = []
             for _ in range(2):
                 h = nbd.NBD()
